@@ -1,0 +1,3 @@
+from ditperf.cli.main import entry
+
+entry()

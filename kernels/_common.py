@@ -1,0 +1,132 @@
+"""Shared launcher plumbing for ditperf's Triton kernels.
+
+Why this exists: the same kernel source must run compiled on a GPU (triton 3.3 in CI
+images, 3.6 on the lent H100) and under Triton's CPU interpreter (``TRITON_INTERPRET=1``)
+in CI. Three traps are handled here once instead of in every kernel file:
+
+* ``@triton.autotune`` fails without a GPU (triton 3.3: already at import), so
+  :func:`autotune` collapses to a single fixed config under the interpreter.
+* bf16 is raw bits in the interpreter: kernels upcast right after each load and use
+  :func:`dot` (upcasts bf16 operands only when ``INTERPRET`` is set) for matrix products.
+* Unmasked out-of-bounds loads raise nothing in the interpreter, so launchers validate
+  shapes, dtypes, strides and devices up front with :func:`check_tensor`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+#: True when kernels run under Triton's CPU interpreter (read once, at import: the
+#: interpreter itself reads the variable when ``@triton.jit`` runs).
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def autotune(
+    configs: Sequence[triton.Config],
+    key: list[str],
+    interpret_config: triton.Config | None = None,
+    **kwargs,
+) -> Callable:
+    """``triton.autotune`` on a GPU; one fixed config under the interpreter.
+
+    ``interpret_config`` (default: the last config, conventionally the largest tiles) is
+    applied through ``triton.heuristics``, which works in the interpreter. Large tiles keep
+    the interpreter fast (its cost is per program step, not per element).
+    """
+    if INTERPRET:
+        cfg = interpret_config or configs[-1]
+        return triton.heuristics({k: (lambda _args, _v=v: _v) for k, v in cfg.kwargs.items()})
+    return triton.autotune(configs=list(configs), key=key, **kwargs)
+
+
+@triton.jit
+def dot(a, b, acc, INTERPRET_MODE: tl.constexpr):
+    """``acc + a @ b``; upcasts bf16/fp16 operands to fp32 only under the interpreter."""
+    if INTERPRET_MODE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+def require_kernel_device(*tensors: tuple[str, torch.Tensor]) -> torch.device:
+    """All tensors on one device, and that device can run Triton kernels.
+
+    CPU tensors are accepted only under the interpreter; on a machine without a GPU the
+    error says how to get there.
+    """
+    devices = {t.device for _, t in tensors}
+    if len(devices) != 1:
+        listing = ", ".join(f"{n} on {t.device}" for n, t in tensors)
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    (device,) = devices
+    if device.type == "cuda":
+        return device
+    if device.type == "cpu" and INTERPRET:
+        return device
+    name = tensors[0][0]
+    if device.type == "cpu":
+        raise ValueError(
+            f"{name} is a CPU tensor: ditperf's Triton kernels need a CUDA tensor "
+            "(or TRITON_INTERPRET=1 set before importing ditperf, to run them slowly on CPU); "
+            "use the torch reference instead"
+        )
+    raise ValueError(f"{name} is on {device}: ditperf's Triton kernels need a CUDA device")
+
+
+def check_tensor(
+    name: str,
+    t: torch.Tensor | None,
+    *,
+    shape: Iterable[int | None] | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    dtype: torch.dtype | None = None,
+    last_dim_contiguous: bool = True,
+    contiguous: bool = False,
+) -> None:
+    """Raise a ``TypeError``/``ValueError`` naming ``name`` and what was expected.
+
+    ``shape`` entries of ``None`` match any size. ``dtype`` demands an exact dtype (e.g. the
+    same dtype as x), ``dtypes`` a set of allowed ones.
+    """
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in tuple(dtypes):
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; expected one of {allowed}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(
+            f"{name} has dtype {str(t.dtype).replace('torch.', '')}; expected "
+            f"{str(dtype).replace('torch.', '')} (the same dtype as the main input)"
+        )
+    if shape is not None:
+        expected = tuple(shape)
+        ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
+        if not ok:
+            pretty = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {pretty}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous()); strides {t.stride()}")
+    if last_dim_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}; "
+            "call .contiguous()"
+        )
+
+
+def next_power_of_2(n: int) -> int:
+    return triton.next_power_of_2(n)
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessor count on CUDA (used for persistent grids); a small number otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
