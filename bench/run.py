@@ -1,0 +1,182 @@
+"""Run the benchmark suite and write one versioned JSON + a markdown summary + PNGs.
+
+    python bench/run.py --suite gpu   --out DIR [--budget-s 420]
+    python bench/run.py --suite smoke --out DIR          # tiny, CPU, correctness only (CI)
+
+Parts run in priority order, each in its own subprocess with a time box (a hang or crash in
+one part leaves the others' results): machine roofs, GPU-marked tests, norms, attention,
+model, power calibration, a power-profiled training burst. Each part writes its own JSON
+under DIR/parts/; this script merges them into DIR/results.json (schema below) and
+DIR/summary.md. A part that runs out of time or fails is recorded with its status and the
+tail of its log, never dropped.
+
+results.json (schema_version 1): {schema_version, suite, date, command, git_sha, gpu,
+driver, cuda, torch, triton, ditperf, roofs, budget_s, parts: [{name, status, seconds,
+log_tail, json}], rows: [benchlib.Row as dict + "part"]}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+@dataclass
+class Part:
+    name: str
+    argv: list[str]  # {out} is replaced by this part's JSON path, {dir} by DIR
+    budget_s: float  # the most this part may take
+    produces_rows: bool = True
+
+
+def py(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def gpu_parts() -> list[Part]:
+    return [
+        Part("roofs", py(str(HERE / "roofs.py"), "--out", "{out}"), 60),
+        Part("gpu-tests", py("-m", "pytest", "-m", "gpu", "-q", "-x", "--no-header", "-p", "no:cacheprovider",
+                             f"--junitxml={{dir}}/parts/gpu-tests.xml", str(HERE.parent / "tests")),
+             150, produces_rows=False),
+        Part("norms", py(str(HERE / "norms.py"), "--quick", "--out", "{out}"), 90),
+        Part("attention", py(str(HERE / "attention.py"), "--quick", "--out", "{out}"), 120),
+        Part("model", py(str(HERE / "model.py"), "--quick", "--out", "{out}"), 150),
+        Part("calibrate", ["ditperf", "profile", "calibrate", "--seconds", "40", "--out", "{out}"], 70,
+             produces_rows=False),
+        Part("power-train", ["ditperf", "profile", "power", "--out", "{dir}/power-train", "--",
+                             sys.executable, str(HERE / "model.py"), "--quick", "--train-only",
+                             "--out", "{out}"], 90),
+    ]
+
+
+def smoke_parts() -> list[Part]:
+    return [
+        Part("norms", py(str(HERE / "norms.py"), "--smoke", "--out", "{out}"), 120),
+        Part("attention", py(str(HERE / "attention.py"), "--smoke", "--out", "{out}"), 180),
+        Part("model", py(str(HERE / "model.py"), "--smoke", "--out", "{out}"), 180),
+        Part("dataloader", py(str(HERE / "dataloader.py"), "--smoke", "--out", "{out}"), 120),
+    ]
+
+
+def run_part(part: Part, out_dir: Path, time_left: float) -> dict:
+    parts_dir = out_dir / "parts"
+    json_path = parts_dir / f"{part.name}.json"
+    log_path = parts_dir / f"{part.name}.log"
+    argv = [a.replace("{out}", str(json_path)).replace("{dir}", str(out_dir)) for a in part.argv]
+    timeout = max(1.0, min(part.budget_s, time_left))
+    t0 = time.perf_counter()
+    status = "ok"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("w") as log:
+        log.write("$ " + " ".join(argv) + "\n")
+        log.flush()
+        try:
+            proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env)
+            if proc.returncode != 0:
+                status = f"failed (exit {proc.returncode})"
+        except subprocess.TimeoutExpired:
+            status = f"timed out after {timeout:.0f} s"
+        except FileNotFoundError as exc:
+            status = f"could not start: {exc}"
+    seconds = time.perf_counter() - t0
+    tail = log_path.read_text(errors="replace")[-3000:]
+    doc = None
+    if json_path.exists():
+        try:
+            doc = json.loads(json_path.read_text())
+        except json.JSONDecodeError:
+            status += " (unreadable JSON)"
+    print(f"[{part.name}] {status} in {seconds:.0f} s", flush=True)
+    return {"name": part.name, "status": status, "seconds": round(seconds, 1), "log_tail": tail, "json": doc}
+
+
+def summarize(results: dict) -> str:
+    lines = [f"# ditperf benchmark suite: {results['suite']}", ""]
+    meta_keys = ("date", "command", "git_sha", "gpu", "driver", "cuda", "torch", "triton", "ditperf")
+    lines += [f"- **{k}**: {results.get(k)}" for k in meta_keys]
+    roofs = results.get("roofs")
+    if roofs:
+        lines.append(f"- **roofs (measured)**: copy {roofs['copy_gbps']:.0f} GB/s, "
+                     f"bf16 matmul {roofs['matmul_tflops']:.0f} TFLOP/s")
+    lines += ["", "| part | status | seconds |", "|---|---|---|"]
+    lines += [f"| {p['name']} | {p['status']} | {p['seconds']} |" for p in results["parts"]]
+    rows = results["rows"]
+    if rows:
+        lines += ["", "| part | case | shape | provider | ms | TFLOP/s | GB/s | % roof | vs baseline |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+
+        def f(v, fmt):
+            return "-" if v is None else format(v, fmt)
+
+        for r in rows:
+            roof = "-" if r.get("pct_roof") is None else f"{r['pct_roof']:.0f}% {r.get('roof')}"
+            ratio = "-" if r.get("ratio_to_baseline") is None else f"{r['ratio_to_baseline']:.2f}x {r.get('baseline')}"
+            lines.append(f"| {r['part']} | {r['case']} | {r['shape']} | {r['provider']} | {f(r.get('ms'), '.4f')} | "
+                         f"{f(r.get('tflops'), '.1f')} | {f(r.get('gbps'), '.0f')} | {roof} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=("gpu", "smoke"), required=True)
+    p.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    p.add_argument("--budget-s", type=float, default=420, help="total time budget in seconds")
+    p.add_argument("--only", nargs="*", default=None, help="run only these parts (by name)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    if args.suite == "gpu" and not torch.cuda.is_available():
+        print("bench/run.py: --suite gpu needs a CUDA GPU; use --suite smoke on CPU", file=sys.stderr)
+        return 2
+    from benchlib import metadata
+
+    parts = gpu_parts() if args.suite == "gpu" else smoke_parts()
+    if args.only:
+        unknown = set(args.only) - {pt.name for pt in parts}
+        if unknown:
+            print(f"unknown parts {sorted(unknown)}; known: {[pt.name for pt in parts]}", file=sys.stderr)
+            return 2
+        parts = [pt for pt in parts if pt.name in args.only]
+    (args.out / "parts").mkdir(parents=True, exist_ok=True)
+    deadline = time.perf_counter() + args.budget_s
+    done = []
+    for part in parts:
+        left = deadline - time.perf_counter()
+        if left < 5:
+            done.append({"name": part.name, "status": "skipped (suite budget spent)", "seconds": 0,
+                         "log_tail": "", "json": None})
+            continue
+        done.append(run_part(part, args.out, left))
+
+    results = {**metadata(), "suite": args.suite, "budget_s": args.budget_s, "parts": done, "rows": []}
+    for part in done:
+        doc = part["json"] or {}
+        if doc.get("roofs") and not results.get("roofs"):
+            results["roofs"] = doc["roofs"]
+        for row in doc.get("rows", []):
+            results["rows"].append({**row, "part": part["name"]})
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / "summary.md").write_text(summarize(results))
+    print(summarize(results))
+    failed = [pt["name"] for pt in done if pt["status"] != "ok"]
+    if failed:
+        print(f"parts not ok: {failed}", file=sys.stderr)
+    if shutil.which("ditperf") is None:
+        print("note: the `ditperf` command is not on PATH (install the package)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
