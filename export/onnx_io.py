@@ -137,10 +137,15 @@ def model_nbytes(model: onnx.ModelProto) -> int:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
-               external_data: bool | None = None, size_threshold: int = 1024) -> Path:
+               external_data: bool | None = None, size_threshold: int = 1024,
+               keep_in_memory: bool = True) -> Path:
     """Save ``model``; ``external_data=None`` chooses external data iff the model is too big
     for one protobuf (> ~1.9 GiB). External data goes to ``<name>.data`` beside the model
-    (tensors below ``size_threshold`` bytes stay inline). Returns the path written."""
+    (tensors below ``size_threshold`` bytes stay inline). Returns the path written.
+
+    onnx moves the weights out of the in-memory proto when it writes external data; with
+    ``keep_in_memory`` (default) they are read back so ``model`` stays usable; pass False to
+    save memory and time on multi-GB models that are not used afterwards."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
@@ -152,6 +157,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
             data_path.unlink()  # onnx appends to an existing file
         onnx.save_model(model, str(p), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=location, size_threshold=size_threshold)
+        if keep_in_memory:
+            onnx.load_external_data_for_model(model, str(p.parent))
     else:
         onnx.save_model(model, str(p))
     return p

@@ -1,0 +1,240 @@
+"""TensorRT coverage (offline matrix), the shipped matrix, ONNX loading errors, external data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper, numpy_helper
+
+from ditperf.export import coverage as cov
+from ditperf.export.build_matrix import build, parse_table
+from ditperf.export.onnx_io import (
+    OnnxInputError,
+    external_data_files,
+    load_model,
+    ort_max_ir_version,
+    ort_session,
+    save_model,
+)
+
+REPORT_KEYS = {"schema", "model", "source", "trt_version", "opset", "opset_range", "summary",
+               "issues", "operators", "subgraphs"}
+SUMMARY_KEYS = {"nodes", "supported_nodes", "percent_supported", "op_types",
+                "unsupported_op_types", "fully_supported"}
+OP_KEYS = {"op_type", "domain", "count", "supported_count", "supported", "decided_by",
+           "types_used", "supported_types", "restrictions", "reasons", "nodes",
+           "unsupported_nodes", "node_ranges"}
+
+
+def _vi(name, t=T.FLOAT, shape=(2, 8)):
+    return helper.make_tensor_value_info(name, t, list(shape) if shape is not None else None)
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=18, domains=()):
+    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
+    ops = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in domains]
+    return helper.make_model(g, opset_imports=ops)
+
+
+def _row(report, op):
+    return next(r for r in report["operators"] if r["op_type"] == op)
+
+
+def supported_model():
+    w = numpy_helper.from_array(np.ones(8, np.float32), "w")
+    nodes = [helper.make_node("LayerNormalization", ["x", "w"], ["ln"], axis=-1),
+             helper.make_node("Relu", ["ln"], ["r"]),
+             helper.make_node("MatMul", ["r", "m"], ["y"])]
+    m = numpy_helper.from_array(np.ones((8, 8), np.float32), "m")
+    return _model(nodes, [_vi("x")], [_vi("y")], [w, m])
+
+
+def test_shipped_matrix_matches_source_table():
+    m = cov.load_matrix()
+    assert m["schema"] == "ditperf.trt_support_matrix/1"
+    assert (m["opset_min"], m["opset_max"], m["trt_version"]) == (9, 20, "10.1")
+    assert m["operators"]["LayerNormalization"]["supported"] is True
+    assert m["operators"]["Det"]["supported"] is False
+    assert "INT64" in m["operators"]["ConstantOfShape"]["types"]  # "INF64" typo fixed
+    assert {a["op_type"] for a in m["additions"]} >= {"Attention", "RMSNormalization"}
+    # the parser handles short rows and a missing closing pipe
+    rows = parse_table("| Foo | Y | FP32, FP16 |\n| Bar | N |\n| Baz | Y | BOOL | note\n")
+    assert rows["Foo"]["types"] == ["FP32", "FP16"] and not rows["Bar"]["supported"]
+    assert rows["Baz"]["restrictions"] == "note"
+
+
+def test_build_matrix_from_shared_table_if_present():
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "shared/trt/onnx-tensorrt-10.1-operators.md"
+    if not src.exists():
+        pytest.skip("shared TensorRT table not on this machine")
+    built = build(src)
+    assert built["operators"] == cov.load_matrix()["operators"]
+
+
+def test_fully_supported_model():
+    r = cov.analyze(supported_model(), path="m.onnx")
+    assert set(r) == REPORT_KEYS and set(r["summary"]) == SUMMARY_KEYS
+    assert all(set(op) == OP_KEYS for op in r["operators"])
+    assert r["schema"] == "ditperf.coverage/1" and r["source"] == "matrix"
+    assert r["summary"]["fully_supported"] and r["summary"]["percent_supported"] == 100.0
+    assert _row(r, "LayerNormalization")["types_used"] == ["FP32"]
+    json.dumps(r)  # serializable
+
+
+def test_unsupported_unknown_and_custom_domain_ops():
+    nodes = [helper.make_node("Relu", ["x"], ["a"]),
+             helper.make_node("Det", ["a"], ["b"]),
+             helper.make_node("MyAttention", ["b"], ["c"], domain="ditperf.plugins"),
+             helper.make_node("NoSuchOp", ["c"], ["y"])]
+    m = _model(nodes, [_vi("x", shape=(3, 3))], [_vi("y", shape=None)], domains=["ditperf.plugins"])
+    r = cov.analyze(m)
+    assert r["summary"]["nodes"] == 4 and r["summary"]["supported_nodes"] == 1
+    assert r["summary"]["percent_supported"] == 25.0 and not r["summary"]["fully_supported"]
+    det, custom, unknown = _row(r, "Det"), _row(r, "MyAttention"), _row(r, "NoSuchOp")
+    assert det["supported"] == "N" and det["node_ranges"] == [[1, 1]]
+    assert custom["domain"] == "ditperf.plugins" and custom["decided_by"] == ["plugin"]
+    assert "plugin" in custom["reasons"][0]
+    assert "not in the TensorRT 10.1 support matrix" in unknown["reasons"][0]
+    assert any(i["kind"] == "plugin" for i in r["issues"])
+
+
+def test_static_checks():
+    nodes = [
+        # LayerNormalization with its Mean output used
+        helper.make_node("LayerNormalization", ["x", "w"], ["ln", "mean"], axis=-1),
+        helper.make_node("Add", ["ln", "mean"], ["s"]),
+        # axes computed at runtime
+        helper.make_node("Shape", ["s"], ["shp"]),
+        helper.make_node("Slice", ["shp", "st", "en"], ["ax"]),
+        helper.make_node("Sub", ["ax", "two"], ["axes"]),
+        helper.make_node("ReduceSum", ["s", "axes"], ["y"], keepdims=1),
+        # bf16 Resize with a cubic mode
+        helper.make_node("Cast", ["x4"], ["xb"], to=T.BFLOAT16),
+        helper.make_node("Resize", ["xb", "", "sc"], ["rb"], mode="cubic"),
+        helper.make_node("Cast", ["rb"], ["y2"], to=T.FLOAT),
+    ]
+    inits = [numpy_helper.from_array(np.ones(8, np.float32), "w"),
+             numpy_helper.from_array(np.array([1], np.int64), "st"),
+             numpy_helper.from_array(np.array([2], np.int64), "en"),
+             numpy_helper.from_array(np.array([1], np.int64), "two"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc")]
+    m = _model(nodes, [_vi("x"), _vi("x4", shape=(1, 1, 2, 2))], [_vi("y", shape=None),
+                                                                  _vi("y2", shape=None)], inits)
+    r = cov.analyze(m)
+    ln = _row(r, "LayerNormalization")
+    assert ln["supported"] == "N" and ln["decided_by"] == ["static-check"]
+    assert "only the first output" in ln["reasons"][0]
+    red = _row(r, "ReduceSum")
+    assert red["supported"] == "N" and "must be an initializer" in red["reasons"][0]
+    rs = _row(r, "Resize")
+    assert rs["types_used"] == ["BF16"]
+    text = " ".join(rs["reasons"])
+    assert "BF16 Resize" in text and "mode 'cubic'" in text
+
+
+def test_opset_range_versions_and_decomposed_layernorm():
+    from tests.test_export_surgery import decomposed_ln_model
+
+    m = decomposed_ln_model(opset=18)
+    r = cov.analyze(m)
+    assert r["summary"]["fully_supported"]  # every node is supported...
+    assert any("decomposed LayerNorm" in i["message"] for i in r["issues"])  # ...but advised
+    att = _model([helper.make_node("Attention", ["q", "k", "v"], ["o"])],
+                 [_vi(n, shape=(1, 2, 3, 8)) for n in "qkv"], [_vi("o", shape=None)], opset=23)
+    r = cov.analyze(att, trt_version="10.1")
+    assert not r["summary"]["fully_supported"]
+    assert any(i["kind"] == "opset" and "23" in i["message"] for i in r["issues"])
+    assert "added in TensorRT 10.14" in _row(r, "Attention")["reasons"][0]
+    r = cov.analyze(att, trt_version="10.15")
+    assert r["summary"]["fully_supported"] and r["opset_range"] == [9, 23]
+    assert any(i["kind"] == "note" for i in r["issues"])  # the assumed opset range is stated
+    with pytest.raises(OnnxInputError, match="starts at TensorRT 10.1"):
+        cov.analyze(att, trt_version="8.6")
+    with pytest.raises(OnnxInputError, match="expected a version"):
+        cov.analyze(att, trt_version="newest")
+
+
+def test_render_and_live_fallback(tmp_path, capsys):
+    from rich.console import Console
+
+    p = tmp_path / "m.onnx"
+    onnx.save(supported_model(), str(p))
+    r = cov.coverage(p, trt_version="auto")
+    assert r["source"] in ("matrix", "live")
+    con = Console(width=140, record=True)
+    cov.render(r, console=con)
+    text = con.export_text()
+    assert "LayerNormalization" in text and "nodes supported" in text
+    if cov.live_available() is not None:
+        with pytest.raises(OnnxInputError, match="--trt-version live"):
+            cov.coverage(p, trt_version="live")
+
+
+# ---------------------------------------------------------------------------------------
+# Loading errors and external data
+
+
+def test_bad_files(tmp_path):
+    good = tmp_path / "good.onnx"
+    onnx.save(supported_model(), str(good))
+    data = good.read_bytes()
+    cases = {
+        "missing.onnx": (None, "no such file"),
+        "empty.onnx": (b"", "empty file"),
+        "text.onnx": (b"this is not a model\n" * 20, "not an ONNX file"),
+        "trunc.onnx": (data[: len(data) // 2], "truncated or corrupt"),
+    }
+    for name, (content, msg) in cases.items():
+        p = tmp_path / name
+        if content is not None:
+            p.write_bytes(content)
+        with pytest.raises(OnnxInputError, match=msg) as ei:
+            load_model(p)
+        assert "\n" not in str(ei.value)
+    with pytest.raises(OnnxInputError, match="is a directory"):
+        load_model(tmp_path)
+
+
+def test_external_data_roundtrip_and_missing(tmp_path):
+    """The >2 GB mechanism, forced on a small model: weights in <name>.data beside it."""
+    m = supported_model()
+    p = save_model(m, tmp_path / "ext.onnx", external_data=True, size_threshold=0)
+    assert (tmp_path / "ext.onnx.data").is_file()
+    light = load_model(p, load_external_data=False)
+    assert external_data_files(light) == {"ext.onnx.data": 2}
+    full = load_model(p)
+    np.testing.assert_array_equal(numpy_helper.to_array(full.graph.initializer[1]), np.ones((8, 8)))
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    inline = ort_session(m).run(None, {"x": x})[0]
+    np.testing.assert_allclose(ort_session(p).run(None, {"x": x})[0], inline, rtol=1e-6)
+    # coverage reads only the graph, never the weights
+    assert cov.coverage(p, trt_version="10.1")["summary"]["fully_supported"]
+    # auto mode keeps small models inline
+    q = save_model(m, tmp_path / "inline.onnx")
+    assert not (tmp_path / "inline.onnx.data").exists() and q.stat().st_size > 256
+    (tmp_path / "ext.onnx.data").unlink()
+    with pytest.raises(OnnxInputError, match="external data file.*missing.*ext.onnx.data"):
+        load_model(p)
+
+
+def test_ort_ir_version_lowering(tmp_path, monkeypatch):
+    from ditperf.export import onnx_io
+
+    m = supported_model()
+    m.ir_version = onnx.IR_VERSION  # what onnx writes by default (may exceed onnxruntime's)
+    top = ort_max_ir_version()
+    assert 7 <= top <= onnx.IR_VERSION
+    # pretend onnxruntime is older (the GPU machine's 1.30 loads at most IR 13)
+    monkeypatch.setattr(onnx_io, "ort_max_ir_version", lambda: 10)
+    p = tmp_path / "hi.onnx"
+    save_model(m, p, external_data=True, size_threshold=0)
+    x = np.ones((2, 8), np.float32)
+    assert ort_session(p).run(None, {"x": x})[0].shape == (2, 8)
+    assert ort_session(m).run(None, {"x": x})[0].shape == (2, 8)
+    assert not list(tmp_path.glob(".hi*"))  # temporary copy removed
