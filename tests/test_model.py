@@ -1,0 +1,379 @@
+"""ditperf.model on the torch backend (CPU): structure, presets, FLOPs, loss, sampler, edits,
+bad input. Backend agreement (triton kernels) is in test_model_backends.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ditperf.model import (
+    EDIT_TASKS,
+    PRESETS,
+    DiT,
+    edit_model_input,
+    flops,
+    flow_matching_loss,
+    get_config,
+    make_edit_batch,
+    make_step,
+    patchify,
+    sample,
+    sincos_2d,
+    time_grid,
+    unpatchify,
+)
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+TINY_CLASS = {"conditioning": "class", "num_classes": 10}
+
+
+def randomize(model: DiT, std: float = 0.05) -> DiT:
+    """Break the zero init so every path carries signal."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return model
+
+
+def text_batch(model: DiT, b: int = 4) -> dict[str, torch.Tensor]:
+    x, _, *cond = model.example_inputs(b)
+    c = model.config.latent_channels
+    batch = {"latents": x[:, :c]}
+    if model.config.conditioning == "class":
+        batch["labels"] = cond[0]
+    else:
+        batch["text"], batch["text_mask"] = cond
+    return batch
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize("name,millions", [("dit-s-2", 33), ("dit-b-2", 130), ("dit-l-2", 458), ("dit-xl-2", 675)])
+def test_dit_paper_param_counts(name: str, millions: int) -> None:
+    with torch.device("meta"):
+        model = DiT(name)
+    assert round(model.num_params() / 1e6) == millions
+    cfg = model.config
+    assert cfg.conditioning == "class" and cfg.num_classes == 1000 and cfg.latent_size == (32, 32)
+    assert cfg.latent_channels == 4 and cfg.patch_size == 2 and cfg.num_tokens() == 256
+
+
+def test_t2i_1b_is_about_1b_with_4096_tokens() -> None:
+    with torch.device("meta"):
+        model = DiT("t2i-1b")
+    assert 0.95e9 < model.num_params() < 1.1e9
+    cfg = model.config
+    assert cfg.latent_channels == 16 and cfg.latent_size == (128, 128) and cfg.num_tokens() == 4096
+    assert cfg.conditioning == "text" and cfg.head_dim % 8 == 0 and cfg.head_dim >= 32
+
+
+def test_tiny_preset_fits_kernels() -> None:
+    cfg = PRESETS["tiny"]
+    assert cfg.conditioning == "text" and cfg.head_dim % 8 == 0 and cfg.head_dim >= 32
+    assert DiT(cfg).num_params() < 1_000_000
+
+
+def test_get_config_overrides_and_errors() -> None:
+    cfg = get_config("tiny", edit=True, latent_size=16)
+    assert cfg.in_channels == 9 and cfg.latent_size == (16, 16)
+    with pytest.raises(ValueError, match="unknown model preset 'nope'.*dit-xl-2.*tiny"):
+        get_config("nope")
+    with pytest.raises(ValueError, match="unknown DiTConfig field.*hidden"):
+        get_config("tiny", hiden_size=3)
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        get_config("tiny", num_heads=3)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        DiT("dit-xxl-2")
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+@pytest.mark.parametrize("overrides", [{}, TINY_CLASS, {"edit": True}, {**TINY_CLASS, "edit": True}])
+def test_fresh_model_outputs_exact_zero(overrides: dict) -> None:
+    model = DiT(get_config("tiny", **overrides))
+    inputs = model.example_inputs(3, height=8, width=12)
+    out = model(*inputs)
+    assert out.shape == (3, 4, 8, 12)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert len(inputs) == len(model.input_names)
+
+
+def test_blocks_start_as_identity() -> None:
+    model = DiT("tiny")
+    x = torch.randn(2, 16, 64)
+    c = torch.randn(2, 64)
+    text = torch.randn(2, 8, 64)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    for block in model.blocks:
+        assert torch.equal(block(x, c, text, mask), x)
+
+
+def test_patchify_unpatchify_round_trip() -> None:
+    x = torch.randn(2, 3, 6, 10)
+    tokens = patchify(x, 2)
+    assert tokens.shape == (2, 15, 12)
+    assert torch.equal(unpatchify(tokens, 2, 3, 6, 10), x)
+    # token 1 is the patch at row 0, column 1, features ordered (p, q, c)
+    assert torch.equal(tokens[0, 1], x[0, :, 0:2, 2:4].permute(1, 2, 0).reshape(-1))
+
+
+def test_patch_embedding_is_linear_on_patches() -> None:
+    model = DiT("tiny")
+    x = torch.randn(2, 4, 8, 12)
+    w = model.x_embedder.proj.weight  # (hidden, C, p, p) -> (hidden, p*p*C) in (p, q, c) order
+    ref = patchify(x, 2) @ w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).T + model.x_embedder.proj.bias
+    torch.testing.assert_close(model.x_embedder(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_pos_embed_any_size_cached() -> None:
+    model = DiT("tiny")
+    pe = model.pos_embed(3, 5, torch.device("cpu"))
+    assert pe.shape == (1, 15, 64)
+    assert model.pos_embed(3, 5, torch.device("cpu")) is pe  # cached per size
+    assert not torch.equal(sincos_2d(64, 3, 5), sincos_2d(64, 5, 3)[:15])
+    # row-major: token (r, c) = r * W + c; first half encodes the row
+    e = sincos_2d(64, 3, 5)
+    assert torch.equal(e[1, :32], e[0, :32]) and not torch.equal(e[5, :32], e[0, :32])
+    assert "pos" not in " ".join(model.state_dict())
+
+
+def test_backend_switch_keeps_state_dict() -> None:
+    model = DiT("tiny")
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    assert model.set_backend("triton") is model and model.backend == "triton"
+    assert set(model.state_dict()) == set(keys)
+    assert all(torch.equal(v, keys[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="torch, triton"):
+        model.set_backend("cuda")
+
+
+# ----------------------------------------------------------------------------- flops
+
+
+@pytest.mark.parametrize("name,overrides,size,text_len", [
+    ("tiny", {}, (8, 8), None),
+    ("tiny", {**TINY_CLASS, "edit": True}, (8, 12), None),
+    ("tiny", {"qk_norm": False}, (12, 8), 5),
+    ("dit-s-2", {"depth": 2}, (16, 16), None),
+    ("t2i-1b", {"depth": 1, "hidden_size": 128, "num_heads": 2, "text_dim": 64}, (16, 24), 24),
+])
+def test_flops_match_flop_counter(name: str, overrides: dict, size: tuple[int, int], text_len: int | None) -> None:
+    cfg = get_config(name, **overrides)
+    model = DiT(cfg)
+    inputs = model.example_inputs(2, height=size[0], width=size[1], text_len=text_len)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    analytic = flops(cfg, 2, height=size[0], width=size[1], text_len=text_len)
+    assert abs(analytic["forward"] / counter.get_total_flops() - 1) < 0.02
+    assert analytic["train"] == 3 * analytic["forward"]
+
+
+def test_flops_defaults_and_errors() -> None:
+    f = flops("dit-xl-2", 1)
+    # the DiT paper's 118.6 "Gflops" for XL/2 count multiply-adds (fvcore): x2 here
+    assert f["tokens"] == 256 and f["forward"] == pytest.approx(2 * 118.6e9, rel=0.01)
+    assert flops("t2i-1b", 2)["forward"] == 2 * flops("t2i-1b", 1)["forward"]
+    with pytest.raises(ValueError, match="not divisible by the patch size 2"):
+        flops("tiny", 1, height=7)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def test_loss_is_deterministic_given_generator() -> None:
+    model = randomize(DiT(get_config("tiny", edit=True)))
+    batch = text_batch(model)
+
+    def loss(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return flow_matching_loss(model, batch, generator=g, cond_dropout=0.5)
+
+    assert torch.equal(loss(7), loss(7))
+    assert not torch.equal(loss(7), loss(8))
+
+
+def test_full_cond_dropout_uses_null_conditioning() -> None:
+    model = randomize(DiT("tiny"))
+    batch = text_batch(model, 3)
+    dropped = flow_matching_loss(model, batch, generator=torch.Generator().manual_seed(1), cond_dropout=1.0)
+    null_text, null_mask = model.null_cond(3, batch["text"].shape[1])
+    manual = flow_matching_loss(model, {**batch, "text": null_text, "text_mask": null_mask},
+                                generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(dropped, manual)
+    dropped.backward()
+    assert model.text_embedder.null_text.grad.abs().sum() > 0
+
+
+def test_null_cond_other_lengths_and_class() -> None:
+    model = DiT("tiny")
+    text, mask = model.null_cond(2, 12)
+    assert text.shape == (2, 12, 32) and mask[:, :8].all() and not mask[:, 8:].any()
+    text, mask = model.null_cond(2, 5)
+    assert torch.equal(text[0], model.text_embedder.null_text[:5].detach()) and mask.all()
+    (labels,) = DiT(get_config("tiny", **TINY_CLASS)).null_cond(3)
+    assert labels.tolist() == [10, 10, 10]
+
+
+def test_edit_region_only_loss_ignores_kept_region() -> None:
+    model = randomize(DiT(get_config("tiny", edit=True)))
+    batch = text_batch(model, 2)
+    batch.update(make_edit_batch(batch["latents"], "expand", torch.Generator().manual_seed(0)))
+    g = lambda: torch.Generator().manual_seed(3)
+    base = flow_matching_loss(model, batch, generator=g(), edit_region_only=True)
+    # Replay the loss's draws (t, eps) and compute the masked MSE by hand.
+    t = torch.sigmoid(torch.randn(2, generator=g()))
+    gen = g()
+    torch.randn(2, generator=gen)
+    eps = torch.randn(batch["latents"].shape, generator=gen)
+    x0 = batch["latents"]
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    pred = model(edit_model_input(x_t, batch["edit_source"], batch["edit_mask"]), t, batch["text"], batch["text_mask"])
+    m = batch["edit_mask"]
+    manual = (((pred - (eps - x0)) ** 2) * m).sum() / (m.sum() * 4)
+    torch.testing.assert_close(base, manual)
+    with pytest.raises(ValueError, match="edit_region_only needs an edit config"):
+        flow_matching_loss(DiT("tiny"), text_batch(DiT("tiny")), edit_region_only=True)
+
+
+def test_overfit_tiny_30_steps_lowers_loss() -> None:
+    model = DiT(get_config("tiny", **TINY_CLASS))
+    batch = text_batch(model, 8)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(30):
+        loss = flow_matching_loss(model, batch, generator=torch.Generator().manual_seed(0))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.4 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+def test_time_grid_shift() -> None:
+    grid = time_grid(4, 3.0)
+    assert grid[0] == 1.0 and grid[-1] == 0.0 and grid.shape == (5,)
+    assert (grid[:-1] > grid[1:]).all()
+    assert grid[2] == pytest.approx(3 * 0.5 / (1 + 2 * 0.5))
+    torch.testing.assert_close(time_grid(4, 1.0), torch.linspace(1, 0, 5))
+
+
+@pytest.mark.parametrize("overrides", [{}, TINY_CLASS])
+def test_sample_shapes_and_determinism(overrides: dict) -> None:
+    model = randomize(DiT(get_config("tiny", **overrides)))
+    _, _, *cond = model.example_inputs(2)
+    out = sample(model, tuple(cond), steps=3, cfg_scale=2.0, generator=torch.Generator().manual_seed(0),
+                 height=8, width=12)
+    assert out.shape == (2, 4, 8, 12) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    again = sample(model, tuple(cond), steps=3, cfg_scale=2.0, generator=torch.Generator().manual_seed(0),
+                   height=8, width=12)
+    assert torch.equal(out, again)
+
+
+def test_cfg_step_combines_cond_and_uncond() -> None:
+    model = randomize(DiT("tiny")).eval()
+    x, _, text, mask = model.example_inputs(2)
+    t, t_next = torch.tensor(0.8), torch.tensor(0.5)
+    with torch.no_grad():
+        got = make_step(model, (text, mask), cfg_scale=3.0)(x, t, t_next)
+        v_c = model(x, t, text, mask)
+        v_u = model(x, t, *model.null_cond(2, text.shape[1]))
+    torch.testing.assert_close(got, x + (t_next - t) * (v_u + 3.0 * (v_c - v_u)), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        plain = make_step(model, (text, mask), cfg_scale=1.0)(x, t, t_next)
+    torch.testing.assert_close(plain, x - 0.3 * v_c, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("task", EDIT_TASKS)
+def test_sample_keeps_edit_region_exactly(task: str) -> None:
+    model = randomize(DiT(get_config("tiny", edit=True)), std=0.2)
+    x0 = torch.randn(2, 4, 8, 8)
+    edit = make_edit_batch(x0, task, torch.Generator().manual_seed(5))
+    _, _, text, mask = model.example_inputs(2)
+    out = sample(model, text=text, text_mask=mask, steps=3, cfg_scale=2.0, **edit)
+    keep = (edit["edit_mask"] < 0.5).expand_as(out)
+    assert torch.equal(out[keep], x0[keep])
+    assert not torch.allclose(out[~keep], x0[~keep])
+
+
+# ----------------------------------------------------------------------------- edit masks
+
+
+def test_edit_masks_per_task() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, 16, 16)
+    rows = torch.arange(16).view(1, 16, 1)
+    for task in EDIT_TASKS:
+        e = make_edit_batch(x, task, g)
+        m = e["edit_mask"]
+        assert m.shape == (64, 1, 16, 16) and m.dtype == x.dtype
+        assert set(m.unique().tolist()) <= {0.0, 1.0}
+        regen = m.flatten(1).mean(1)
+        assert (regen > 0).all() and (regen < 1).all(), task  # something to keep and to generate
+        assert torch.equal(e["edit_source"], x * (1 - m))
+        keep = m[:, 0] < 0.5
+        if task == "expand":  # a centered rectangle
+            r = keep.any(2)
+            c = keep.any(1)
+            assert torch.equal(keep, r[:, :, None] & c[:, None, :])
+            top, bottom = r.int().argmax(1), 15 - r.flip(1).int().argmax(1)
+            assert ((top - (15 - bottom)).abs() <= 1).all()
+            frac = r.float().mean(1)
+            assert (frac >= 0.45).all() and (frac <= 0.85).all()
+        if task == "outpaint":  # kept subject away from the border, border regenerated
+            assert (m[:, 0, 0, :] == 1).all() and (m[:, 0, -1, :] == 1).all()
+            assert ((keep & (rows >= 2) & (rows < 14)).sum((1, 2)) == keep.sum((1, 2))).all()
+        if task == "inpaint":
+            assert (regen < 0.9).all()
+    mixed = make_edit_batch(x, "mixed", torch.Generator().manual_seed(1))["edit_mask"]
+    again = make_edit_batch(x, "mixed", torch.Generator().manual_seed(1))["edit_mask"]
+    assert torch.equal(mixed, again)
+    with pytest.raises(ValueError, match="unknown edit task 'erase'.*inpaint, outpaint, expand"):
+        make_edit_batch(x, "erase", g)
+
+
+def test_loss_builds_edit_masks_when_missing() -> None:
+    model = randomize(DiT(get_config("tiny", edit=True)))
+    batch = text_batch(model, 2)
+    loss = flow_matching_loss(model, batch, generator=torch.Generator().manual_seed(0), edit_region_only=True)
+    assert torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    model = DiT("tiny")
+    x, t, text, mask = model.example_inputs(2)
+    with pytest.raises(ValueError, match="x has 9 channels.*expects 4 latent channels"):
+        model(torch.randn(2, 9, 8, 8), t, text, mask)
+    with pytest.raises(ValueError, match="not divisible by the patch size 2"):
+        model(torch.randn(2, 4, 8, 7), t, text, mask)
+    with pytest.raises(ValueError, match=r"text_mask must be bool of shape \(2, 8\)"):
+        model(x, t, text, mask[:, :5])
+    with pytest.raises(ValueError, match="text_mask must be bool"):
+        model(x, t, text, mask.float())
+    with pytest.raises(ValueError, match="text-conditional: pass text"):
+        model(x, t)
+    with pytest.raises(ValueError, match=r"text must be float \(2, L, 32\)"):
+        model(x, t, torch.randn(2, 8, 31), mask)
+    with pytest.raises(ValueError, match="t must be"):
+        model(x, torch.rand(3), text, mask)
+    edit = DiT(get_config("tiny", edit=True))
+    with pytest.raises(ValueError, match="x has 4 channels.*9 = 4 latent \\+ 4 edit_source \\+ 1 edit_mask"):
+        edit(x, t, text, mask)
+    cls = DiT(get_config("tiny", **TINY_CLASS))
+    with pytest.raises(ValueError, match="class-conditional: pass labels"):
+        cls(x, t)
+    with pytest.raises(ValueError, match="labels must be int64"):
+        cls(x, t, torch.rand(2))
+    with pytest.raises(ValueError, match="batch is missing text_mask.*expects keys: latents, text, text_mask"):
+        flow_matching_loss(model, {"latents": x, "text": text})
+    with pytest.raises(ValueError, match="needs conditioning"):
+        sample(model, steps=2)
+    with pytest.raises(ValueError, match="edit_source and edit_mask must both be given"):
+        sample(edit, text=text, text_mask=mask, steps=2)
