@@ -1,0 +1,482 @@
+"""Fused adaLN norm kernels (ditperf.kernels.norms): values, every gradient, custom-op
+machinery (opcheck, torch.compile), bad input, and (GPU only) big shapes + CUDA graphs.
+
+Accuracy idiom (flash-attention's): with ref64 the reference evaluated in fp64 on the same
+inputs and `same` the torch reference at the input precision,
+    max|kernel - ref64| <= 2 * max|same - ref64| + atol,   atol = ulp(dtype) * max(1, max|ref64|)
+for every output and every gradient. Under the CPU interpreter bf16 rounds toward zero
+(~2x torch's rounding error), which the factor 2 absorbs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from ditperf.kernels import (
+    _common,
+    gated_residual_layer_norm,
+    gated_residual_layer_norm_ref,
+    layer_norm,
+    layer_norm_ref,
+    rms_norm,
+    rms_norm_ref,
+)
+from ditperf.kernels import norms as norms_mod
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+ULP = {F32: 2.0**-20, F16: 2.0**-10, BF16: 2.0**-7, torch.float64: 0.0}
+
+
+def rand(shape: Sequence[int], dtype: torch.dtype, device: torch.device, *, std: float = 1.0,
+         mean: float = 0.0) -> torch.Tensor:
+    """Random normal data (never zeros), drawn in fp32 then cast."""
+    return (torch.randn(*shape, device=device) * std + mean).to(dtype)
+
+
+def _max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return (a.double() - ref).abs().max().item()
+
+
+def check_against_refs(kernel: Callable, ref: Callable, leaves: list[torch.Tensor | None],
+                       names: list[str]) -> None:
+    """Outputs and every gradient of ``kernel(*leaves)`` vs ``ref`` at the same precision vs
+    ``ref`` in fp64. ``kernel``/``ref`` map the leaf list to a tensor or a tuple of tensors;
+    None leaves stay None."""
+
+    def run(fn: Callable, dtype: torch.dtype | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        ls = [None if t is None else (t.detach() if dtype is None else t.detach().to(dtype)).requires_grad_()
+              for t in leaves]
+        outs = fn(*ls)
+        outs = list(outs) if isinstance(outs, tuple) else [outs]
+        live = [t for t in ls if t is not None]
+        grads = torch.autograd.grad(outs, live, [g.to(o.dtype) for g, o in zip(douts, outs)])
+        return outs, list(grads)
+
+    # gradients flowing back into every output, drawn once in fp32
+    with torch.no_grad():
+        probe = ref(*[None if t is None else t.detach() for t in leaves])
+    probe = list(probe) if isinstance(probe, tuple) else [probe]
+    douts = [torch.randn(p.shape, device=p.device) for p in probe]
+
+    k_out, k_grads = run(kernel, None)
+    s_out, s_grads = run(ref, None)
+    r_out, r_grads = run(ref, torch.float64)
+    live_names = [n for n, t in zip(names, leaves) if t is not None]
+    dtype = leaves[0].dtype
+    for what, k, s, r in zip(["out"] * len(k_out) + ["d" + n for n in live_names],
+                             k_out + k_grads, s_out + s_grads, r_out + r_grads):
+        assert k.dtype == s.dtype and k.shape == s.shape, f"{what}: {k.dtype}{tuple(k.shape)} vs {s.dtype}{tuple(s.shape)}"
+        assert torch.isfinite(k).all(), f"{what}: non-finite values"
+        err, base = _max_err(k, r), _max_err(s, r)
+        atol = ULP[k.dtype if k.dtype in ULP else dtype] * max(1.0, r.abs().max().item())
+        assert err <= 2 * base + atol, f"{what}: max|kernel-ref64| = {err:.3g} > 2*{base:.3g} + {atol:.3g}"
+
+
+# ----------------------------------------------------------------------------------------
+# layer_norm
+# ----------------------------------------------------------------------------------------
+
+# (C, B, N, dtype, features): masked edges (C not a power of two, N odd), B = 1 and 3
+LN_CASES = [
+    (37, 1, 7, F32, "weight,bias,shift,scale"),
+    (72, 3, 9, F16, "shift,scale"),
+    (1000, 3, 5, BF16, "shift,scale"),
+    (1152, 3, 33, BF16, "shift,scale"),
+    (1152, 1, 17, F32, "weight"),
+    (72, 3, 9, BF16, "weight,bias"),
+    (1000, 1, 3, F16, "weight,bias,shift,scale"),
+    (37, 3, 5, F32, ""),
+    (37, 3, 5, BF16, "scale"),
+    (72, 3, 5, F32, "shift"),
+]
+
+
+def _ln_leaves(C: int, B: int, N: int, dtype: torch.dtype, feats: str, device: torch.device,
+               param_dtype: torch.dtype | None = None) -> list[torch.Tensor | None]:
+    pd = param_dtype or dtype
+    f = set(feats.split(","))
+    return [
+        rand((B, N, C), dtype, device, std=2.0, mean=0.5),
+        rand((C,), pd, device, std=0.1, mean=1.0) if "weight" in f else None,
+        rand((C,), pd, device, std=0.1) if "bias" in f else None,
+        rand((B, C), pd, device, std=0.5) if "shift" in f else None,
+        rand((B, C), pd, device, std=0.5) if "scale" in f else None,
+    ]
+
+
+def _ln(fn: Callable) -> Callable:
+    return lambda x, w, b, sh, sc: fn(x, w, b, shift=sh, scale=sc, eps=1e-6)
+
+
+LN_NAMES = ["x", "weight", "bias", "shift", "scale"]
+
+
+@pytest.mark.parametrize("C,B,N,dtype,feats", LN_CASES,
+                         ids=[f"C{c}-B{b}-N{n}-{str(d)[6:]}-{f or 'plain'}" for c, b, n, d, f in LN_CASES])
+def test_layer_norm(C, B, N, dtype, feats, device):
+    leaves = _ln_leaves(C, B, N, dtype, feats, device)
+    check_against_refs(_ln(layer_norm), _ln(layer_norm_ref), leaves, LN_NAMES)
+
+
+def test_layer_norm_fp32_params_with_bf16_x(device):
+    """Autocast case: bf16 activations, fp32 parameters; grads come back in fp32."""
+    leaves = _ln_leaves(1152, 3, 9, BF16, "weight,bias,shift,scale", device, param_dtype=F32)
+    check_against_refs(_ln(layer_norm), _ln(layer_norm_ref), leaves, LN_NAMES)
+    out = layer_norm(leaves[0], leaves[1], leaves[2], shift=leaves[3], scale=leaves[4])
+    assert out.dtype == BF16
+
+
+def test_layer_norm_2d_input(device):
+    leaves = [rand((13, 72), F32, device), rand((72,), F32, device), rand((72,), F32, device)]
+    check_against_refs(lambda x, w, b: layer_norm(x, w, b), lambda x, w, b: layer_norm_ref(x, w, b),
+                       leaves, ["x", "weight", "bias"])
+
+
+def test_layer_norm_strided_inputs(device):
+    """Rows with a stride (x[:, ::2]) and shift/scale as chunks of a (B, 6C) adaLN output are
+    read in place (no copy): same results as contiguous inputs."""
+    B, N, C = 3, 11, 72
+    base = rand((B, 2 * N, C), F32, device)
+    mod = rand((B, 6 * C), F32, device, std=0.5)
+
+    def kern(xb, m):
+        shift, scale = m.chunk(6, dim=1)[:2]
+        return layer_norm(xb[:, ::2], shift=shift, scale=scale)
+
+    def ref(xb, m):
+        shift, scale = m.chunk(6, dim=1)[:2]
+        return layer_norm_ref(xb[:, ::2], shift=shift, scale=scale)
+
+    check_against_refs(kern, ref, [base, mod], ["x_base", "mod"])
+
+
+# ----------------------------------------------------------------------------------------
+# rms_norm
+# ----------------------------------------------------------------------------------------
+
+
+def _qk_plain(B, H, N, D, dtype, device):
+    return [rand((B, H, N, D), dtype, device, std=2.0), rand((D,), dtype, device, std=0.1, mean=1.0)]
+
+
+RMS_CASES = {
+    # QK-norm on the SDPA layout (B, H, N, D)
+    "qk-BHND-bf16": (lambda d: _qk_plain(2, 3, 5, 64, BF16, d),
+                     lambda f: (lambda x, w: f(x, w))),
+    # (B, N, H, D) -> (B, H, N, D) view: three row levels, no copy
+    "qk-transposed-f16": (lambda d: _qk_plain(2, 7, 3, 72, F16, d),
+                          lambda f: (lambda x, w: f(x.transpose(1, 2), w))),
+    # q sliced out of a fused (B, N, 3, H, D) qkv tensor
+    "qk-qkv-slice-bf16": (lambda d: [rand((2, 5, 3, 2, 64), BF16, d), rand((64,), BF16, d, mean=1.0)],
+                          lambda f: (lambda qkv, w: f(qkv[:, :, 0], w))),
+    # 5-D permutation with > 3 unmergeable row levels: falls back to a contiguous copy
+    "5d-permuted-f32": (lambda d: [rand((2, 3, 2, 3, 37), F32, d), rand((37,), F32, d, mean=1.0)],
+                        lambda f: (lambda x, w: f(x.permute(1, 0, 3, 2, 4), w))),
+    "modulated-1152-f32": (lambda d: [rand((3, 9, 1152), F32, d), rand((1152,), F32, d, mean=1.0),
+                                      rand((3, 1152), F32, d), rand((3, 1152), F32, d)],
+                           lambda f: (lambda x, w, sh, sc: f(x, w, shift=sh, scale=sc))),
+    "modulated-37-bf16-noweight": (lambda d: [rand((1, 7, 37), BF16, d), rand((1, 37), BF16, d),
+                                              rand((1, 37), BF16, d)],
+                                   lambda f: (lambda x, sh, sc: f(x, shift=sh, scale=sc))),
+}
+
+
+@pytest.mark.parametrize("case", list(RMS_CASES))
+def test_rms_norm(case, device):
+    make, call = RMS_CASES[case]
+    leaves = make(device)
+    names = ["x", "weight", "shift", "scale"][: len(leaves)]
+    check_against_refs(call(rms_norm), call(rms_norm_ref), leaves, names)
+
+
+def test_rms_norm_keeps_transposed_layout(device):
+    """QK-norm of a (B, N, H, D) -> (B, H, N, D) view returns the same memory layout."""
+    x = rand((2, 5, 3, 64), F32, device).transpose(1, 2)
+    out = rms_norm(x, rand((64,), F32, device))
+    assert out.shape == x.shape and out.stride() == x.stride()
+
+
+# ----------------------------------------------------------------------------------------
+# gated_residual_layer_norm
+# ----------------------------------------------------------------------------------------
+
+GATED_CASES = [
+    (1152, 3, 9, BF16, "gate,shift,scale"),
+    (37, 1, 7, F32, "gate,shift,scale"),
+    (72, 3, 5, F16, "shift,scale"),
+    (1000, 3, 5, F32, "gate"),
+    (72, 1, 3, BF16, ""),
+]
+
+
+def _gated_leaves(C, B, N, dtype, feats, device, param_dtype=None):
+    pd = param_dtype or dtype
+    f = set(feats.split(","))
+    return [
+        rand((B, N, C), dtype, device, std=2.0, mean=0.3),
+        rand((B, N, C), dtype, device),
+        rand((B, C), pd, device) if "gate" in f else None,
+        rand((B, C), pd, device, std=0.5) if "shift" in f else None,
+        rand((B, C), pd, device, std=0.5) if "scale" in f else None,
+    ]
+
+
+def _gated(fn):
+    return lambda x, y, g, sh, sc: fn(x, y, g, shift=sh, scale=sc)
+
+
+GATED_NAMES = ["x", "y", "gate", "shift", "scale"]
+
+
+@pytest.mark.parametrize("C,B,N,dtype,feats", GATED_CASES,
+                         ids=[f"C{c}-B{b}-N{n}-{str(d)[6:]}-{f or 'plain'}" for c, b, n, d, f in GATED_CASES])
+def test_gated_residual_layer_norm(C, B, N, dtype, feats, device):
+    leaves = _gated_leaves(C, B, N, dtype, feats, device)
+    check_against_refs(_gated(gated_residual_layer_norm), _gated(gated_residual_layer_norm_ref), leaves,
+                       GATED_NAMES)
+
+
+def test_gated_fp32_params_with_bf16_x(device):
+    leaves = _gated_leaves(72, 3, 5, BF16, "gate,shift,scale", device, param_dtype=F32)
+    check_against_refs(_gated(gated_residual_layer_norm), _gated(gated_residual_layer_norm_ref), leaves,
+                       GATED_NAMES)
+
+
+@pytest.mark.parametrize("used", ["h_only", "x_new_only"])
+def test_gated_one_output_used(used, device):
+    """Only one of (x_new, h) reaches the loss: the other output's gradient is absent."""
+    pick = 1 if used == "h_only" else 0
+    leaves = _gated_leaves(72, 3, 5, F32, "gate,shift,scale", device)
+    names = GATED_NAMES if used == "h_only" else GATED_NAMES[:3]
+    if used == "x_new_only":  # shift/scale get no gradient at all then
+        leaves = leaves[:3]
+
+        def kern(x, y, g):
+            return gated_residual_layer_norm(x, y, g, shift=None, scale=None)[0]
+
+        def ref(x, y, g):
+            return gated_residual_layer_norm_ref(x, y, g)[0]
+    else:
+        def kern(*ls):
+            return _gated(gated_residual_layer_norm)(*ls)[pick]
+
+        def ref(*ls):
+            return _gated(gated_residual_layer_norm_ref)(*ls)[pick]
+    check_against_refs(kern, ref, leaves, names)
+
+
+def test_gated_x_new_is_stored_residual(device):
+    """x_new is exactly the rounded x + gate*y, and h is the norm of that stored x_new."""
+    x, y, g, sh, sc = _gated_leaves(72, 3, 5, BF16, "gate,shift,scale", device)
+    x_new, h = gated_residual_layer_norm(x, y, g, shift=sh, scale=sc)
+    h2 = layer_norm(x_new, shift=sh, scale=sc)
+    torch.testing.assert_close(h, h2, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "gated"])
+def test_backward_row_loop(op, device, monkeypatch):
+    """One backward program per row group looping over several row tiles (the GPU's usual
+    regime; the interpreter otherwise gives each program a single tile)."""
+    monkeypatch.setattr(norms_mod, "num_sms", lambda _device: 0)  # -> 1 program per group
+    if op == "layer_norm":
+        leaves = _ln_leaves(37, 2, 1100, F32, "weight,bias,shift,scale", device)
+        check_against_refs(_ln(layer_norm), _ln(layer_norm_ref), leaves, LN_NAMES)
+    else:
+        leaves = _gated_leaves(37, 2, 1100, BF16, "gate,shift,scale", device)
+        check_against_refs(_gated(gated_residual_layer_norm), _gated(gated_residual_layer_norm_ref),
+                           leaves, GATED_NAMES)
+
+
+# ----------------------------------------------------------------------------------------
+# Custom-op machinery
+# ----------------------------------------------------------------------------------------
+
+
+def test_compile_fullgraph_aot_eager(device):
+    """All three ops inside one torch.compile(fullgraph=True) graph, forward and backward."""
+    B, N, C = 2, 5, 72
+    x, y = rand((B, N, C), F32, device), rand((B, N, C), F32, device)
+    g, sh, sc = (rand((B, C), F32, device) for _ in range(3))
+    w = rand((C,), F32, device, mean=1.0)
+    leaves = [t.requires_grad_() for t in (x, y, g, sh, sc, w)]
+
+    def block(x, y, g, sh, sc, w):
+        x_new, h = gated_residual_layer_norm(x, y, g, shift=sh, scale=sc)
+        h = rms_norm(h, w) + layer_norm(x_new, w, None, shift=sc, scale=sh)
+        return (h * h).sum() + x_new.sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    eager_loss = block(*leaves)
+    eager_grads = torch.autograd.grad(eager_loss, leaves)
+    loss = compiled(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    torch.testing.assert_close(loss, eager_loss)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def _opcheck(op, args) -> None:
+    # test_schema / fake / autograd registration / aot dispatch (static and dynamic)
+    result = torch.library.opcheck(op, args)
+    bad = {k: v for k, v in result.items() if v != "SUCCESS"}
+    assert not bad, bad
+
+
+def test_opcheck_layer_norm(device):
+    x = rand((2, 3, 37), F32, device).requires_grad_()
+    w, b = rand((37,), F32, device).requires_grad_(), rand((37,), F32, device).requires_grad_()
+    sh, sc = rand((2, 37), F32, device).requires_grad_(), rand((2, 37), F32, device).requires_grad_()
+    _opcheck(torch.ops.ditperf.layer_norm.default, (x, w, b, sh, sc, 1e-6))
+    _opcheck(torch.ops.ditperf.layer_norm.default, (x, None, None, None, None, 1e-5))
+    _opcheck(torch.ops.ditperf.layer_norm_bwd.default, (rand((2, 3, 37), F32, device), x.detach(),
+                                                        w.detach(), None, sh.detach(), None, 1e-6))
+
+
+def test_opcheck_rms_norm(device):
+    q = rand((2, 2, 3, 16), F32, device).requires_grad_()
+    w = rand((16,), F32, device).requires_grad_()
+    _opcheck(torch.ops.ditperf.rms_norm.default, (q, w, None, None, 1e-6))
+    x = rand((2, 3, 16), F32, device).requires_grad_()
+    sh, sc = rand((2, 16), F32, device).requires_grad_(), rand((2, 16), F32, device).requires_grad_()
+    _opcheck(torch.ops.ditperf.rms_norm.default, (x, None, sh, sc, 1e-6))
+
+
+def test_opcheck_gated(device):
+    x, y = rand((2, 3, 24), F32, device).requires_grad_(), rand((2, 3, 24), F32, device).requires_grad_()
+    g, sh, sc = (rand((2, 24), F32, device).requires_grad_() for _ in range(3))
+    _opcheck(torch.ops.ditperf.gated_residual_layer_norm.default, (x, y, g, sh, sc, 1e-6))
+    _opcheck(torch.ops.ditperf.gated_residual_layer_norm.default, (x, y, None, None, None, 1e-6))
+    d = rand((2, 3, 24), F32, device)
+    _opcheck(torch.ops.ditperf.gated_residual_layer_norm_bwd.default,
+             (d, d, x.detach(), y.detach(), g.detach(), None, sc.detach(), 1e-6))
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input: a ValueError/TypeError naming the argument, never a crash or garbage
+# ----------------------------------------------------------------------------------------
+
+
+def _bad_cases(dev: torch.device) -> list[tuple[str, Callable[[], object], type, str]]:
+    x = rand((2, 3, 8), F32, dev)
+    x16 = x.to(F16)
+    v = rand((2, 8), F32, dev)
+    w = rand((8,), F32, dev)
+    return [
+        ("int x", lambda: layer_norm(x.to(torch.int32)), TypeError, "x has dtype int32"),
+        ("fp64 x", lambda: layer_norm(x.double()), TypeError, "x has dtype float64"),
+        ("not a tensor", lambda: layer_norm([1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+        ("shift not a tensor", lambda: layer_norm(x, shift=1.0), TypeError, "shift must be a torch.Tensor"),
+        ("y None", lambda: gated_residual_layer_norm(x, None, None), TypeError, "y must be a torch.Tensor"),
+        ("bf16 weight, f16 x", lambda: layer_norm(x16, w.to(BF16)), TypeError, "weight has dtype bfloat16"),
+        ("f16 shift, f32 x", lambda: layer_norm(x, shift=v.half()), TypeError, "shift has dtype float16"),
+        ("y dtype", lambda: gated_residual_layer_norm(x, x16, None), TypeError, "y has dtype float16"),
+        ("weight shape", lambda: layer_norm(x, rand((7,), F32, dev)), ValueError, r"weight has shape \(7,\); expected \(8\)"),
+        ("bias shape", lambda: layer_norm(x, w, rand((2, 8), F32, dev)), ValueError, "bias has shape"),
+        ("shift batch", lambda: layer_norm(x, shift=rand((3, 8), F32, dev)), ValueError, r"shift has shape \(3, 8\); expected \(2, 8\)"),
+        ("scale C", lambda: rms_norm(x, scale=rand((2, 9), F32, dev)), ValueError, r"scale has shape \(2, 9\)"),
+        ("scale (B,1,C)", lambda: layer_norm(x, scale=v[:, None]), ValueError, r"expected \(2, 8\)"),
+        ("gate shape", lambda: gated_residual_layer_norm(x, x, v[:1]), ValueError, "gate has shape"),
+        ("y shape", lambda: gated_residual_layer_norm(x, x[:, :2], None), ValueError, "y has shape"),
+        ("shift with 2-D x", lambda: layer_norm(x[0], shift=v), ValueError, r"expected \(B, N, C\)"),
+        ("shift with 4-D x", lambda: rms_norm(x[None], shift=v), ValueError, r"expected \(B, N, C\)"),
+        ("x last dim strided", lambda: layer_norm(x.transpose(1, 2)), ValueError, "x must have a contiguous last dimension"),
+        ("shift last dim strided", lambda: layer_norm(x, shift=rand((8, 2), F32, dev).t()), ValueError, "shift must have a contiguous last dimension"),
+        ("C = 0", lambda: layer_norm(x[..., :0]), ValueError, "empty"),
+        ("N = 0", lambda: layer_norm(x[:, :0]), ValueError, "empty"),
+        ("scalar x", lambda: rms_norm(x[0, 0, 0]), ValueError, "scalar"),
+        ("C too large", lambda: layer_norm(torch.empty((1, norms_mod.MAX_C + 1), device=dev)), ValueError, "C <= 16384"),
+        ("negative eps", lambda: layer_norm(x, eps=-1.0), ValueError, "eps"),
+        ("eps type", lambda: layer_norm(x, eps="1e-6"), TypeError, "eps must be a float"),
+    ]
+
+
+_BAD_IDS = [c[0] for c in _bad_cases(torch.device("cpu"))]
+
+
+@pytest.mark.parametrize("idx", range(len(_BAD_IDS)), ids=_BAD_IDS)
+def test_bad_input(idx, device):
+    _name, call, exc, match = _bad_cases(device)[idx]
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_cpu_tensor_without_interpreter(monkeypatch):
+    """CPU tensors are refused (with how to fix it) when the kernels are not interpreted."""
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    with pytest.raises(ValueError, match="x is a CPU tensor"):
+        layer_norm(torch.randn(2, 3, 8))
+
+
+# ----------------------------------------------------------------------------------------
+# GPU: big shapes, CUDA graphs, inductor (run by the lead on the H100)
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+class TestGPU:
+    def test_mixed_devices_refused(self):
+        x = torch.randn(2, 3, 8, device="cuda")
+        with pytest.raises(ValueError, match="one device"):
+            layer_norm(x, shift=torch.randn(2, 8))
+
+    def test_large_C_8192_bf16(self):
+        leaves = _ln_leaves(8192, 2, 513, BF16, "weight,bias,shift,scale", torch.device("cuda"))
+        check_against_refs(_ln(layer_norm), _ln(layer_norm_ref), leaves, LN_NAMES)
+
+    def test_64k_tokens_gated_bf16(self):
+        leaves = _gated_leaves(1152, 64, 1024, BF16, "gate,shift,scale", torch.device("cuda"))
+        check_against_refs(_gated(gated_residual_layer_norm), _gated(gated_residual_layer_norm_ref),
+                           leaves, GATED_NAMES)
+
+    def test_64k_tokens_layer_norm_fp32_params(self):
+        leaves = _ln_leaves(2048, 16, 4097, BF16, "shift,scale", torch.device("cuda"), param_dtype=F32)
+        check_against_refs(_ln(layer_norm), _ln(layer_norm_ref), leaves, LN_NAMES)
+
+    def test_qk_norm_bf16(self):
+        dev = torch.device("cuda")
+        leaves = [rand((4, 4096, 16, 128), BF16, dev, std=2.0), rand((128,), BF16, dev, mean=1.0)]
+        check_against_refs(lambda x, w: rms_norm(x.transpose(1, 2), w),
+                           lambda x, w: rms_norm_ref(x.transpose(1, 2), w), leaves, ["x", "weight"])
+
+    def test_cuda_graph_capture(self):
+        """Forward + backward replay inside a CUDA graph: no host syncs in the launchers."""
+        dev = torch.device("cuda")
+        x, y, g, sh, sc = (t.requires_grad_() for t in _gated_leaves(1152, 4, 256, BF16, "gate,shift,scale", dev))
+        leaves = [x, y, g, sh, sc]
+
+        def step():
+            x_new, h = gated_residual_layer_norm(x, y, g, shift=sh, scale=sc)
+            h2 = layer_norm(x_new, shift=sc, scale=sh)
+            loss = (h.float() * h2.float()).sum()
+            return [loss, *torch.autograd.grad(loss, leaves)]
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # autotune + warm-up outside the capture
+                expected = step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(captured, expected):
+            torch.testing.assert_close(a, b)
+
+    def test_compile_inductor(self):
+        dev = torch.device("cuda")
+        leaves = [t.requires_grad_() for t in _gated_leaves(1152, 2, 64, BF16, "gate,shift,scale", dev)]
+
+        def fn(x, y, g, sh, sc):
+            x_new, h = gated_residual_layer_norm(x, y, g, shift=sh, scale=sc)
+            return (rms_norm(h) * x_new).float().sum()
+
+        compiled = torch.compile(fn, fullgraph=True)
+        eager = fn(*leaves)
+        got = compiled(*leaves)
+        torch.testing.assert_close(got, eager, rtol=1e-3, atol=1e-2)
+        for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(eager, leaves)):
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
