@@ -1,0 +1,121 @@
+"""torch vs triton backend of ditperf.model.DiT (kernels under the interpreter on CPU), plus
+compile/export friendliness of the forward.
+
+Accuracy idiom: the fp64 torch backend is the reference; the triton backend (fp32) must be
+within ``2 * |torch fp32 - ref| + atol`` of it, for the output and every parameter gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from ditperf.model import DiT, get_config
+
+CASES = {
+    # text + QK-norm (the demo config), padded text, non-square latent
+    "text-qknorm": ({}, {"height": 8, "width": 12, "text_len": 5}),
+    # class labels + edit channels, no QK-norm; one block (the interpreter is slow)
+    "class-edit": ({"conditioning": "class", "num_classes": 10, "edit": True, "qk_norm": False, "depth": 1}, {}),
+}
+
+
+def randomize(model: DiT, std: float = 0.05) -> DiT:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return model
+
+
+def run(model: DiT, inputs: tuple[torch.Tensor, ...], probe: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Output and the gradients of sum(out * probe) w.r.t. every parameter that gets one."""
+    model.zero_grad(set_to_none=True)
+    out = model(*inputs)
+    (out * probe.to(out.dtype)).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_backends_agree_fwd_and_grads(case: str) -> None:
+    overrides, sizes = CASES[case]
+    model = randomize(DiT(get_config("tiny", **overrides)))
+    inputs = model.example_inputs(2, **sizes)
+    probe = torch.randn(2, model.config.latent_channels, *inputs[0].shape[2:])
+
+    ref_model = copy.deepcopy(model).double()
+    ref_inputs = tuple(t.double() if t.is_floating_point() else t for t in inputs)
+    ref_out, ref_grads = run(ref_model, ref_inputs, probe)
+    torch_out, torch_grads = run(model, inputs, probe)
+    tri_out, tri_grads = run(model.set_backend("triton"), inputs, probe)
+
+    scale = ref_out.abs().max().item()
+    assert scale > 0
+    assert max_err(tri_out, ref_out) <= 2 * max_err(torch_out, ref_out) + 1e-5 * scale
+    assert set(tri_grads) == set(torch_grads) == set(ref_grads)
+    for name, g in ref_grads.items():
+        atol = 1e-5 * g.abs().max().item() + 1e-7
+        assert max_err(tri_grads[name], g) <= 2 * max_err(torch_grads[name], g) + atol, name
+
+
+def test_triton_backend_fresh_model_is_zero() -> None:
+    model = DiT(get_config("tiny", depth=1), backend="triton")
+    with torch.no_grad():
+        out = model(*model.example_inputs(2))
+    assert out.shape == (2, 4, 8, 8) and torch.equal(out, torch.zeros_like(out))
+
+
+def test_forward_compiles_fullgraph_and_exports() -> None:
+    """No graph breaks (no data-dependent control flow, no .item()) and torch.export works
+    with the positional example inputs, as ONNX export (dynamo) needs."""
+    model = randomize(DiT("tiny")).eval()
+    inputs = model.example_inputs(2)
+    with torch.no_grad():
+        eager = model(*inputs)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(*inputs)
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+        exported = torch.export.export(model, inputs)
+        torch.testing.assert_close(exported.module()(*inputs), eager, rtol=1e-5, atol=1e-5)
+    assert [s.arg.name for s in exported.graph_signature.input_specs if s.kind.name == "USER_INPUT"] == [
+        "x", "t", "cond", "cond_mask"]
+    assert model.input_names == ("x", "t", "text", "text_mask")
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,overrides", [
+    ("dit-s-2", {}),
+    ("t2i-1b", {"depth": 2, "hidden_size": 384, "num_heads": 6, "latent_size": (32, 48), "text_len": 77}),
+])
+def test_backends_agree_bf16_autocast_cuda(name: str, overrides: dict) -> None:
+    """bf16 autocast on CUDA: triton error vs the fp32 torch reference at most ~2x the
+    error of torch under the same autocast (output and relative L2 of every gradient)."""
+    dev = torch.device("cuda")
+    model = randomize(DiT(get_config(name, **overrides)).to(dev), std=0.02)
+    inputs = model.example_inputs(4, device=dev)
+    probe = torch.randn(4, model.config.latent_channels, *inputs[0].shape[2:], device=dev)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        ref_out, ref_grads = run(model, inputs, probe)  # fp32, no TF32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        torch_out, torch_grads = run(model, inputs, probe)
+        tri_out, tri_grads = run(model.set_backend("triton"), inputs, probe)
+    scale = ref_out.abs().max().item()
+    assert max_err(tri_out, ref_out) <= 2 * max_err(torch_out, ref_out) + 1e-2 * scale
+    assert set(tri_grads) == set(ref_grads)
+    for n, g in ref_grads.items():
+        assert _rel_l2(tri_grads[n], g) <= 2 * _rel_l2(torch_grads[n], g) + 1e-2, n
