@@ -22,6 +22,10 @@ Passes (run in the order given; each returns counts of what it changed):
     ``MatMul(Q*s1, K^T*s2) [*|/ scale] [+ mask] -> Softmax(-1) -> MatMul(., V)`` on 4-D
     (B, H, N, D) tensors -> one opset-23 ``Attention`` (scale = s1*s2*scale, explicit; an
     fp32 Softmax between Casts becomes ``softmax_precision=FLOAT``). Needs opset >= 23.
+    torch's masked-SDPA guard ``Where(IsNaN(P), 0, P)`` moves to the Attention output. Rows
+    whose keys are all masked are implementation-defined for ``Attention`` (onnxruntime
+    returns 0; the MatMul form gives NaN or, with a finite-min bias, the mean of V); ditperf's
+    models never produce such rows (every sample has a real text token).
 ``cast-around``
     for ops a precision does not support (default: BF16 ``Resize``, which users report
     unsupported in TensorRT, plus every op whose matrix types lack the tensor's type but
@@ -48,6 +52,7 @@ from onnx import TensorProto
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from ditperf.export.onnx_io import OnnxInputError, default_opset, model_nbytes
+from ditperf.export.opset import convert_opset
 
 G_LOGGER.colors = False
 G_LOGGER.severity = G_LOGGER.ERROR
@@ -431,16 +436,33 @@ def _expand_mask_rows(graph: gs.Graph, mask: gs.Tensor, q: gs.Tensor) -> gs.Tens
     return expanded
 
 
+def _nan_guard(p: gs.Tensor) -> gs.Tensor | None:
+    """``Where(IsNaN(p), 0, p)`` after a Softmax (torch's masked SDPA: rows with every key
+    masked become 0): returns the guarded tensor, or None when the pattern is absent."""
+    users = list(p.outputs)
+    if len(users) != 2 or {u.op for u in users} != {"IsNaN", "Where"}:
+        return None
+    isnan = next(u for u in users if u.op == "IsNaN")
+    where = next(u for u in users if u.op == "Where")
+    if where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not p or \
+            _scalar(where.inputs[1]) != 0.0 or len(isnan.outputs[0].outputs) != 1:
+        return None
+    return where.outputs[0]
+
+
 def pass_fold_attention(graph: gs.Graph, opts: SurgeryOptions) -> tuple[dict, list]:
     if (graph.opset or 0) < 23:
         return {"attentions_folded": 0}, [f"skipped: ONNX Attention needs opset >= 23 (model "
                                           f"has {graph.opset}; use --opset 23)"]
-    folded, notes = 0, []
+    folded, guards, notes = 0, 0, []
     for sm in list(graph.nodes):
         if sm.op != "Softmax" or sm.attrs.get("axis", -1) not in (-1, 3):
             continue
         p = sm.outputs[0]
         precision = None
+        nan_guard = _nan_guard(p)
+        if nan_guard is not None:
+            p = nan_guard
         post = p.outputs[0] if len(p.outputs) == 1 else None
         if post is not None and post.op == "Cast":
             precision, p = int(TensorProto.FLOAT), post.outputs[0]
@@ -488,10 +510,20 @@ def pass_fold_attention(graph: gs.Graph, opts: SurgeryOptions) -> tuple[dict, li
         out = post.outputs[0]
         post.outputs.clear()
         inputs = [q, k, v] + ([mask] if mask is not None else [])
+        att_out = out
+        if nan_guard is not None:  # keep "fully masked row -> 0" whatever Attention gives
+            att_out = gs.Variable(_name("attention_raw"), dtype=out.dtype, shape=out.shape)
+            isnan = gs.Variable(_name("attention_isnan"), dtype=np.bool_, shape=out.shape)
+            zero = gs.Constant(_name("zero"), np.zeros((), _np_dtype(out) or np.float32))
+            graph.nodes.append(gs.Node("IsNaN", name=_name("IsNaN"), inputs=[att_out],
+                                       outputs=[isnan]))
+            graph.nodes.append(gs.Node("Where", name=_name("Where"),
+                                       inputs=[isnan, zero, att_out], outputs=[out]))
+            guards += 1
         graph.nodes.append(gs.Node("Attention", name=_name("Attention"), attrs=attrs,
-                                   inputs=inputs, outputs=[out]))
+                                   inputs=inputs, outputs=[att_out]))
         folded += 1
-    return {"attentions_folded": folded}, notes
+    return {"attentions_folded": folded, "nan_guards_moved": guards}, notes
 
 
 def default_cast_around(graph: gs.Graph) -> list[tuple[str, int]]:
@@ -619,21 +651,6 @@ PASS_FUNCS: dict[str, Callable[[gs.Graph, SurgeryOptions], tuple[dict, list]]] =
 
 # ----------------------------------------------------------------------------------------
 # Driver
-
-
-def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """onnx's version converter, with a one-line error when it cannot convert."""
-    from onnx import version_converter
-
-    cur = default_opset(model)
-    if cur == opset:
-        return model
-    try:
-        return version_converter.convert_version(model, opset)
-    except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OnnxInputError(f"cannot convert the model from opset {cur} to {opset} with "
-                             f"onnx.version_converter: {msg}") from exc
 
 
 def run_passes(model: onnx.ModelProto, passes: Sequence[str] = DEFAULT_PASSES,

@@ -62,7 +62,7 @@ def decomposed_ln_model(C=24, affine=True, opset=18):
     return _model(nodes, [x], [y], inits, opset=opset)
 
 
-def attention_model(with_mask=True, pre_scaled=True, B=2, H=3, N=7, M=5, D=8):
+def attention_model(with_mask=True, pre_scaled=True, nan_guard=False, B=2, H=3, N=7, M=5, D=8):
     """SDPA as the torch exporter decomposes it: Q*sqrt(s) @ (K^T*sqrt(s)) + mask -> Softmax
     -> @ V (or post-scaled scores with Div when ``pre_scaled`` is False)."""
     q = helper.make_tensor_value_info("q", T.FLOAT, [B, H, N, D])
@@ -85,8 +85,14 @@ def attention_model(with_mask=True, pre_scaled=True, B=2, H=3, N=7, M=5, D=8):
         inputs.append(helper.make_tensor_value_info("mask", T.FLOAT, [B, 1, 1, M]))
         nodes.append(helper.make_node("Add", ["scores", "mask"], ["masked"]))
         sm_in = "masked"
-    nodes += [helper.make_node("Softmax", [sm_in], ["p"], axis=-1),
-              helper.make_node("MatMul", ["p", "v"], ["out"])]
+    nodes.append(helper.make_node("Softmax", [sm_in], ["p"], axis=-1))
+    p = "p"
+    if nan_guard:  # torch's masked SDPA: rows with every key masked -> 0
+        inits.append(_c("zero", np.float32(0)))
+        nodes += [helper.make_node("IsNaN", ["p"], ["isnan"]),
+                  helper.make_node("Where", ["isnan", "zero", "p"], ["pg"])]
+        p = "pg"
+    nodes.append(helper.make_node("MatMul", [p, "v"], ["out"]))
     return _model(nodes, inputs, [out], inits, opset=18)
 
 
@@ -129,15 +135,18 @@ def test_fold_layernorm_needs_opset_17():
     assert verify_numerics(m, new)["max_abs"] < 1e-5
 
 
-@pytest.mark.parametrize("with_mask,pre_scaled", [(True, True), (False, False)])
-def test_fold_attention_to_opset23(with_mask, pre_scaled):
-    m = attention_model(with_mask=with_mask, pre_scaled=pre_scaled)
+@pytest.mark.parametrize("with_mask,pre_scaled,guard", [(True, True, True), (False, False, False)])
+def test_fold_attention_to_opset23(with_mask, pre_scaled, guard):
+    m = attention_model(with_mask=with_mask, pre_scaled=pre_scaled, nan_guard=guard)
     _, reps = run_passes(m, ["fold-attention"])
     assert reps[0].changes["attentions_folded"] == 0 and "opset >= 23" in reps[0].notes[0]
     new, reps = run_passes(m, ["fold-attention", "cleanup"], SurgeryOptions(opset=23))
     assert reps[0].changes["attentions_folded"] == 1
     # onnxruntime wants the mask's query dim = Nq: the (B,1,1,M) mask is expanded
-    assert _ops(new) == (["Expand", "Attention"] if with_mask else ["Attention"])
+    expect = (["Expand", "Attention"] if with_mask else ["Attention"]) + (
+        ["IsNaN", "Where"] if guard else [])
+    assert _ops(new) == expect
+    assert reps[0].changes["nan_guards_moved"] == int(guard)
     check_model(new)
     err = verify_numerics(m, new, seed=5)
     assert err["max_abs"] < 1e-5, err
