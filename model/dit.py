@@ -381,6 +381,24 @@ class DiT(nn.Module):
     def output_names(self) -> tuple[str, ...]:
         return ("v",)
 
+    def dynamic_shapes(self, batch: bool = True, text_len: bool = True) -> dict[str, dict[int, Any]]:
+        """``dynamic_shapes`` for ``torch.export.export(model, model.example_inputs(2), ...)``
+        (keys are the forward's argument names): a dynamic batch and, for text configs, a
+        dynamic text length. The latent size stays static (the position embedding is
+        computed for it at trace time)."""
+        from torch.export import Dim
+
+        b = Dim("batch", min=1, max=4096) if batch else None
+        shapes: dict[str, dict[int, Any]] = {"x": {0: b} if b else {}, "t": {0: b} if b else {}}
+        if self.config.conditioning == "class":
+            shapes["cond"] = {0: b} if b else {}
+            return shapes
+        length = Dim("text_len", min=2, max=4096) if text_len else None
+        dims = {k: v for k, v in ((0, b), (1, length)) if v is not None}
+        shapes["cond"] = dict(dims)
+        shapes["cond_mask"] = dict(dims)
+        return shapes
+
     def example_inputs(self, batch: int, device: torch.device | str | None = None,
                        dtype: torch.dtype | None = None, *, height: int | None = None,
                        width: int | None = None, text_len: int | None = None,

@@ -79,8 +79,10 @@ def test_forward_compiles_fullgraph_and_exports() -> None:
         eager = model(*inputs)
         compiled = torch.compile(model, fullgraph=True, backend="eager")(*inputs)
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-        exported = torch.export.export(model, inputs)
+        exported = torch.export.export(model, inputs, dynamic_shapes=model.dynamic_shapes())
         torch.testing.assert_close(exported.module()(*inputs), eager, rtol=1e-5, atol=1e-5)
+        other = model.example_inputs(3, text_len=5)  # another batch and text length
+        torch.testing.assert_close(exported.module()(*other), model(*other), rtol=1e-5, atol=1e-5)
     assert [s.arg.name for s in exported.graph_signature.input_specs if s.kind.name == "USER_INPUT"] == [
         "x", "t", "cond", "cond_mask"]
     assert model.input_names == ("x", "t", "text", "text_mask")
