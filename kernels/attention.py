@@ -1,0 +1,880 @@
+"""Fused non-causal attention for DiT shapes: a FlashAttention-2-style Triton kernel pair.
+
+Math (per batch b, head h; s = ``scale``, default ``D**-0.5``)::
+
+    S = s * Q K^T            (Nq, Nk), masked keys -> -inf
+    P = softmax(S, dim=-1)   a row whose keys are all masked -> P row = 0
+    O = P V                  (Nq, D)
+    lse = logsumexp(S, -1)   (Nq,) fp32, natural log; -inf for an all-masked row
+
+Forward (one program per (BLOCK_M query rows, h, b)): the Q tile is loaded once and kept
+on chip; the program streams K/V tiles and keeps a running max ``m`` and running sum ``l``
+in fp32 (online softmax). The softmax scale is folded into log2(e) so every exponential is
+one ``exp2``: ``p = exp2(S * s * log2(e) - m)``. Only the last, partial key block takes the
+masked path: the full blocks run an unmasked loop body (the loop over keys is split into
+``N // BLOCK_N`` full blocks and one tail step). The N x N matrix is never stored.
+
+Backward (no N x N matrix in memory, no atomics: deterministic, bit-identical reruns):
+
+1. ``_bwd_dq_kernel``, one program per query block: computes
+   ``delta = rowsum(dO * O) - dlse`` (the FA2 "preprocess", fused here because this
+   kernel loads dO anyway; stored for step 2), then iterates over key blocks:
+   ``P = exp2(S*log2e - lse*log2e)``, ``dP = dO V^T``, ``dS = P * (dP - delta)``,
+   ``dQ += dS K``; finally ``dQ *= s``.
+2. ``_bwd_dkdv_kernel``, one program per key block: iterates over query blocks with the
+   transposed products ``P^T``, ``dV += P^T dO``, ``dK += dS^T Q``; ``dK *= s``.
+   Keys masked by ``key_mask`` get exactly zero dK/dV (their rows are zeroed at the store:
+   a masked key's column only feeds its own dK/dV row, so no per-block mask is needed).
+
+The gradient of ``lse`` is supported too (``dS += P * dlse``, folded into delta), so the
+custom op is fully differentiable in both outputs.
+
+Layouts. q: (B, H, Nq, D), k, v: (B, H, Nk, D), any strides with ``stride(-1) == 1``: all
+strides go to the kernel, so ``x.view(B, N, H, D).transpose(1, 2)`` or a slice of a packed
+(B, N, 3, H, D) projection are read in place, without a copy. ``out`` is returned as a
+(B, H, Nq, D) view of a (B, Nq, H, D)-contiguous buffer (the layout SDPA's flash backend
+also returns): ``out.transpose(1, 2).reshape(B, Nq, H * D)`` -- what the DiT block feeds to
+its output projection -- is then free. ``lse`` is a contiguous (B, H, Nq) fp32 tensor.
+dq/dk/dv are allocated like q/k/v (``torch.empty_like``: same strides when the input is
+dense, else contiguous).
+
+Head dim. ``tl.dot`` needs power-of-two tile sizes, so D is covered by at most two
+power-of-two tiles loaded with masks (never a padded copy in memory):
+
+* padded: one tile of ``next_power_of_2(D)`` columns. At D=72 that is 128 columns: the two
+  matmuls of the forward (QK^T reduces over D, PV produces D columns) and the four of the
+  backward do 128/72 = 1.78x the tensor-core work, the softmax work is unchanged.
+* split (default when it saves work, see :data:`SPLIT_HEAD_DIM`): D = D0 + D1 with D0 the
+  largest power of two <= D and D1 = next_power_of_2(D - D0) >= 16, each matmul done as two
+  ``tl.dot``s. D=72 -> 64+16 = 80 columns (1.11x instead of 1.78x), D=96 -> 64+32 (exact),
+  D=40/48 -> 32+16, D=80 -> 64+16, D=88 -> 64+32. D in {32, 64, 128} is already exact.
+
+Masks. ``key_mask`` bool (B, Nk), True = real key. Masked keys get -inf scores. A query row
+whose keys are ALL masked (e.g. a batch entry with no real key) returns zeros, its lse is
+-inf, and its gradients are zeros; never NaN. :func:`joint_attention_mask` builds the mask
+for SD3/MMDiT/Flux-style joint attention over concatenated text and image tokens.
+
+Precision. bf16/fp16 inputs: both matmuls on tensor cores with fp32 accumulation, P and dS
+rounded to the input dtype before their matmul (as FlashAttention does), softmax statistics
+in fp32. fp32 inputs (meant for tests): ``input_precision="ieee"`` dots (no TF32), slow.
+
+CUDA graphs / torch.compile. Launches allocate with ``torch.empty`` and never read a value
+back to the host, so a warmed-up call can be captured in a CUDA graph. Warm up first: the
+first call for a new (D, length bucket, dtype, mask) key runs the autotuner, which times
+configurations (syncs) and cannot run inside a capture. The op is an opaque
+``torch.library.custom_op`` (``ditperf::attention``, ``ditperf::attention_bwd``) with fake
+implementations, so ``torch.compile(fullgraph=True)`` keeps it as one node.
+
+Autotuning (GPU only; one fixed 128x128 config under the interpreter): BLOCK_M/BLOCK_N in
+{64, 128}, num_stages 2-4, num_warps 4/8, keyed on the head-dim tiles, the mask flag and the
+sequence lengths rounded up to a power of two (odd lengths do not retune). By default a
+curated subset of that space is timed per kernel (compile time on the GPU matters: each
+config is a separate compilation); ``DITPERF_ATTN_AUTOTUNE=full`` times the whole space.
+Configs that cannot fit shared memory are pruned before compiling.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from ditperf.kernels._common import (
+    FLOAT_DTYPES,
+    INTERPRET,
+    autotune,
+    check_tensor,
+    dot,
+    next_power_of_2,
+    require_kernel_device,
+)
+
+__all__ = ["SPLIT_HEAD_DIM", "attention", "attention_ref", "head_dim_tiles", "joint_attention_mask"]
+
+_LOG2E = 1.4426950408889634
+
+#: Cover a non-power-of-two head dim with two power-of-two tiles when that saves matmul
+#: work (D=72 -> 64+16). Read at each launch; ``DITPERF_ATTN_SPLIT_D=0`` (or setting this
+#: to False) forces one padded tile (D=72 -> 128), e.g. to measure the difference.
+SPLIT_HEAD_DIM: bool = os.environ.get("DITPERF_ATTN_SPLIT_D", "1") != "0"
+
+_MIN_D, _MAX_D = 8, 128
+# Lengths are not specialized on (divisibility by 16, == 1): one compilation per config
+# serves every sequence length, which keeps GPU autotuning time down.
+_NO_SPECIALIZE = ["H", "N_Q", "N_K", "NQ_BUCKET", "NK_BUCKET"]
+
+
+# ----------------------------------------------------------------------------------------
+# Triton device helpers
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(a, b, acc, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
+    """``acc + a @ b``: tensor cores for bf16/fp16, exact fp32 (no TF32) when IEEE."""
+    if IEEE:
+        if INTERPRET:
+            return tl.dot(a, b, acc)  # the interpreter's fp32 dot is exact already
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return dot(a, b, acc, INTERPRET)
+
+
+@triton.jit
+def _load_tile(base, offs_r, stride_r, offs_c, r_lim, c_lim,
+               MASK_R: tl.constexpr, MASK_C: tl.constexpr, INTERPRET: tl.constexpr):
+    """Load rows ``offs_r`` x columns ``offs_c`` (column stride 1); masked only where asked,
+    out-of-range elements read as 0. Upcast under the interpreter (bf16 is raw bits there)."""
+    ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :]
+    if MASK_R:
+        if MASK_C:
+            x = tl.load(ptrs, mask=(offs_r[:, None] < r_lim) & (offs_c[None, :] < c_lim), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=offs_r[:, None] < r_lim, other=0.0)
+    else:
+        if MASK_C:
+            x = tl.load(ptrs, mask=offs_c[None, :] < c_lim, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    if INTERPRET:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_tile(base, x, offs_r, stride_r, offs_c, r_lim, c_lim, MASK_C: tl.constexpr):
+    """Store rows < r_lim (always masked: once per program) and, if asked, columns < c_lim."""
+    ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :]
+    x = x.to(base.dtype.element_ty)
+    if MASK_C:
+        tl.store(ptrs, x, mask=(offs_r[:, None] < r_lim) & (offs_c[None, :] < c_lim))
+    else:
+        tl.store(ptrs, x, mask=offs_r[:, None] < r_lim)
+
+
+@triton.jit
+def _load_vec(base, offs, stride, lim, other, MASK: tl.constexpr):
+    if MASK:
+        return tl.load(base + offs * stride, mask=offs < lim, other=other)
+    return tl.load(base + offs * stride)
+
+
+# ----------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_block(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, km_base, start_n,
+               stride_kn, stride_vn, stride_mn, N_K, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT: tl.constexpr,
+               MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, MASK_N: tl.constexpr,
+               HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
+    """One key block of the online softmax. ``acc1``/``q1`` are the second head-dim tile
+    (ignored, passed through, when not SPLIT)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    k0 = _load_tile(k_base, offs_n, stride_kn, offs_d0, N_K, HEAD_DIM, MASK_N, MASK_D0, INTERPRET)
+    qk = _mma(q0, tl.trans(k0), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), INTERPRET, IEEE)
+    if SPLIT:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        k1 = _load_tile(k_base, offs_n, stride_kn, offs_d1, N_K, HEAD_DIM, MASK_N, MASK_D1,
+                        INTERPRET)
+        qk = _mma(q1, tl.trans(k1), qk, INTERPRET, IEEE)
+    qk = qk * qk_scale  # log2 units: exp2(qk - m) == exp(scale * q.k - m')
+    if MASK_N:
+        qk = tl.where(offs_n[None, :] < N_K, qk, float("-inf"))
+    if HAS_MASK:
+        km = _load_vec(km_base, offs_n, stride_mn, N_K, 0, MASK_N)
+        qk = tl.where(km[None, :] != 0, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if HAS_MASK:
+        # A row with no real key so far keeps m = -inf; subtract 0 instead (no inf - inf).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p_lo = p.to(k_base.dtype.element_ty)
+    v0 = _load_tile(v_base, offs_n, stride_vn, offs_d0, N_K, HEAD_DIM, MASK_N, MASK_D0, INTERPRET)
+    acc0 = _mma(p_lo, v0, acc0 * alpha[:, None], INTERPRET, IEEE)
+    if SPLIT:
+        v1 = _load_tile(v_base, offs_n, stride_vn, offs_d1, N_K, HEAD_DIM, MASK_N, MASK_D1,
+                        INTERPRET)
+        acc1 = _mma(p_lo, v1, acc1 * alpha[:, None], INTERPRET, IEEE)
+    return acc0, acc1, l_i, m_new
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _fwd_kernel_body(
+    Q, K, V, KM, Out, Lse,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_mb, stride_mn, stride_ob, stride_oh, stride_on,
+    H, N_Q, N_K, qk_scale, NQ_BUCKET, NK_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT: tl.constexpr,
+    MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_MASK: tl.constexpr,
+    INTERPRET: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    o_base = Out + off_b * stride_ob + off_h * stride_oh
+    km_base = KM + off_b * stride_mb
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    q0 = _load_tile(q_base, offs_m, stride_qn, offs_d0, N_Q, HEAD_DIM, True, MASK_D0, INTERPRET)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+    if SPLIT:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        q1 = _load_tile(q_base, offs_m, stride_qn, offs_d1, N_Q, HEAD_DIM, True, MASK_D1, INTERPRET)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    else:
+        q1 = q0
+        acc1 = acc0
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    n_full = (N_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc0, acc1, l_i, m_i = _fwd_block(
+            acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, km_base, start_n,
+            stride_kn, stride_vn, stride_mn, N_K, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
+            BLOCK_D0, BLOCK_D1, SPLIT, MASK_D0, MASK_D1, False, HAS_MASK, INTERPRET, IEEE)
+    if n_full < N_K:
+        acc0, acc1, l_i, m_i = _fwd_block(
+            acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, km_base, n_full,
+            stride_kn, stride_vn, stride_mn, N_K, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
+            BLOCK_D0, BLOCK_D1, SPLIT, MASK_D0, MASK_D1, True, HAS_MASK, INTERPRET, IEEE)
+
+    if HAS_MASK:
+        l_div = tl.where(l_i == 0.0, 1.0, l_i)  # all keys masked: acc is 0, output 0
+    else:
+        l_div = l_i
+    inv_l = 1.0 / l_div
+    _store_tile(o_base, acc0 * inv_l[:, None], offs_m, stride_on, offs_d0, N_Q, HEAD_DIM, MASK_D0)
+    if SPLIT:
+        _store_tile(o_base, acc1 * inv_l[:, None], offs_m, stride_on, offs_d1, N_Q, HEAD_DIM,
+                    MASK_D1)
+    # natural-log LSE; m is in log2 units. All keys masked: lse = -inf.
+    lse = (m_i + tl.math.log2(l_div)) * 0.6931471805599453
+    if HAS_MASK:
+        lse = tl.where(l_i == 0.0, float("-inf"), lse)
+    lse_base = Lse + (off_b * H + off_h) * N_Q
+    tl.store(lse_base + offs_m, lse, mask=offs_m < N_Q)
+
+
+# ----------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lse_log2(lse):
+    """lse in log2 units; an all-masked row (lse = -inf) becomes +inf so that P = 0."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _dq_block(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, km_base, start_n,
+              stride_kn, stride_vn, stride_mn, N_K, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT: tl.constexpr,
+              MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, MASK_N: tl.constexpr,
+              HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    k0 = _load_tile(k_base, offs_n, stride_kn, offs_d0, N_K, HEAD_DIM, MASK_N, MASK_D0, INTERPRET)
+    v0 = _load_tile(v_base, offs_n, stride_vn, offs_d0, N_K, HEAD_DIM, MASK_N, MASK_D0, INTERPRET)
+    zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    qk = _mma(q0, tl.trans(k0), zeros, INTERPRET, IEEE)
+    dp = _mma(do0, tl.trans(v0), zeros, INTERPRET, IEEE)
+    if SPLIT:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        k1 = _load_tile(k_base, offs_n, stride_kn, offs_d1, N_K, HEAD_DIM, MASK_N, MASK_D1,
+                        INTERPRET)
+        v1 = _load_tile(v_base, offs_n, stride_vn, offs_d1, N_K, HEAD_DIM, MASK_N, MASK_D1,
+                        INTERPRET)
+        qk = _mma(q1, tl.trans(k1), qk, INTERPRET, IEEE)
+        dp = _mma(do1, tl.trans(v1), dp, INTERPRET, IEEE)
+    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+    if MASK_N:
+        p = tl.where(offs_n[None, :] < N_K, p, 0.0)
+    if HAS_MASK:
+        km = _load_vec(km_base, offs_n, stride_mn, N_K, 0, MASK_N)
+        p = tl.where(km[None, :] != 0, p, 0.0)
+    ds = (p * (dp - delta[:, None])).to(k_base.dtype.element_ty)
+    dq0 = _mma(ds, k0, dq0, INTERPRET, IEEE)
+    if SPLIT:
+        dq1 = _mma(ds, k1, dq1, INTERPRET, IEEE)
+    return dq0, dq1
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _bwd_dq_kernel_body(
+    Q, K, V, KM, Out, DO, DQ, Lse, GLse, Delta,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_mb, stride_mn,
+    stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    H, N_Q, N_K, qk_scale, sm_scale, NQ_BUCKET, NK_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT: tl.constexpr,
+    MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GLSE: tl.constexpr,
+    INTERPRET: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    o_base = Out + off_b * stride_ob + off_h * stride_oh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
+    km_base = KM + off_b * stride_mb
+    row_base = (off_b * H + off_h) * N_Q  # lse, dlse, delta: contiguous (B, H, Nq)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    q0 = _load_tile(q_base, offs_m, stride_qn, offs_d0, N_Q, HEAD_DIM, True, MASK_D0, INTERPRET)
+    do0 = _load_tile(do_base, offs_m, stride_don, offs_d0, N_Q, HEAD_DIM, True, MASK_D0, INTERPRET)
+    o0 = _load_tile(o_base, offs_m, stride_on, offs_d0, N_Q, HEAD_DIM, True, MASK_D0, INTERPRET)
+    delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
+    dq0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+    if SPLIT:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        q1 = _load_tile(q_base, offs_m, stride_qn, offs_d1, N_Q, HEAD_DIM, True, MASK_D1, INTERPRET)
+        do1 = _load_tile(do_base, offs_m, stride_don, offs_d1, N_Q, HEAD_DIM, True, MASK_D1,
+                         INTERPRET)
+        o1 = _load_tile(o_base, offs_m, stride_on, offs_d1, N_Q, HEAD_DIM, True, MASK_D1, INTERPRET)
+        delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+        dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    else:
+        q1 = q0
+        do1 = do0
+        dq1 = dq0
+    if HAS_GLSE:  # d lse / d S = P, so dS = P * (dP - delta + dlse)
+        delta -= tl.load(GLse + row_base + offs_m, mask=offs_m < N_Q, other=0.0)
+    tl.store(Delta + row_base + offs_m, delta, mask=offs_m < N_Q)
+    lse2 = _lse_log2(tl.load(Lse + row_base + offs_m, mask=offs_m < N_Q, other=float("inf")))
+
+    n_full = (N_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq0, dq1 = _dq_block(
+            dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, km_base, start_n,
+            stride_kn, stride_vn, stride_mn, N_K, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
+            BLOCK_D0, BLOCK_D1, SPLIT, MASK_D0, MASK_D1, False, HAS_MASK, INTERPRET, IEEE)
+    if n_full < N_K:
+        dq0, dq1 = _dq_block(
+            dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, km_base, n_full,
+            stride_kn, stride_vn, stride_mn, N_K, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
+            BLOCK_D0, BLOCK_D1, SPLIT, MASK_D0, MASK_D1, True, HAS_MASK, INTERPRET, IEEE)
+    _store_tile(dq_base, dq0 * sm_scale, offs_m, stride_dqn, offs_d0, N_Q, HEAD_DIM, MASK_D0)
+    if SPLIT:
+        _store_tile(dq_base, dq1 * sm_scale, offs_m, stride_dqn, offs_d1, N_Q, HEAD_DIM, MASK_D1)
+
+
+@triton.jit
+def _dkdv_block(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base,
+                start_m, stride_qn, stride_don, N_Q, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT: tl.constexpr,
+                MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, MASK_M: tl.constexpr,
+                INTERPRET: tl.constexpr, IEEE: tl.constexpr):
+    """One query block for a fixed key block, in transposed form (rows = keys). Query rows
+    past N_Q read q = dO = 0, lse = +inf, delta = 0: they contribute exactly 0."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    q0 = _load_tile(q_base, offs_m, stride_qn, offs_d0, N_Q, HEAD_DIM, MASK_M, MASK_D0, INTERPRET)
+    do0 = _load_tile(do_base, offs_m, stride_don, offs_d0, N_Q, HEAD_DIM, MASK_M, MASK_D0,
+                     INTERPRET)
+    zeros = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    qk_t = _mma(k0, tl.trans(q0), zeros, INTERPRET, IEEE)
+    dp_t = _mma(v0, tl.trans(do0), zeros, INTERPRET, IEEE)
+    if SPLIT:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        q1 = _load_tile(q_base, offs_m, stride_qn, offs_d1, N_Q, HEAD_DIM, MASK_M, MASK_D1,
+                        INTERPRET)
+        do1 = _load_tile(do_base, offs_m, stride_don, offs_d1, N_Q, HEAD_DIM, MASK_M, MASK_D1,
+                         INTERPRET)
+        qk_t = _mma(k1, tl.trans(q1), qk_t, INTERPRET, IEEE)
+        dp_t = _mma(v1, tl.trans(do1), dp_t, INTERPRET, IEEE)
+    lse2 = _lse_log2(_load_vec(lse_base, offs_m, 1, N_Q, float("inf"), MASK_M))
+    delta = _load_vec(delta_base, offs_m, 1, N_Q, 0.0, MASK_M)
+    p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+    p_lo = p_t.to(q_base.dtype.element_ty)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q_base.dtype.element_ty)
+    dv0 = _mma(p_lo, do0, dv0, INTERPRET, IEEE)
+    dk0 = _mma(ds_t, q0, dk0, INTERPRET, IEEE)
+    if SPLIT:
+        dv1 = _mma(p_lo, do1, dv1, INTERPRET, IEEE)
+        dk1 = _mma(ds_t, q1, dk1, INTERPRET, IEEE)
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _bwd_dkdv_kernel_body(
+    Q, K, V, KM, DO, DK, DV, Lse, Delta,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_mb, stride_mn, stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    H, N_Q, N_K, qk_scale, sm_scale, NQ_BUCKET, NK_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT: tl.constexpr,
+    MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_MASK: tl.constexpr,
+    INTERPRET: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    dk_base = DK + off_b * stride_dkb + off_h * stride_dkh
+    dv_base = DV + off_b * stride_dvb + off_h * stride_dvh
+    row_base = (off_b * H + off_h) * N_Q
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    k0 = _load_tile(k_base, offs_n, stride_kn, offs_d0, N_K, HEAD_DIM, True, MASK_D0, INTERPRET)
+    v0 = _load_tile(v_base, offs_n, stride_vn, offs_d0, N_K, HEAD_DIM, True, MASK_D0, INTERPRET)
+    dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+    if SPLIT:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        k1 = _load_tile(k_base, offs_n, stride_kn, offs_d1, N_K, HEAD_DIM, True, MASK_D1, INTERPRET)
+        v1 = _load_tile(v_base, offs_n, stride_vn, offs_d1, N_K, HEAD_DIM, True, MASK_D1, INTERPRET)
+        dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+    else:
+        k1 = k0
+        v1 = v0
+        dk1 = dk0
+        dv1 = dv0
+
+    m_full = (N_Q // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dk0, dk1, dv0, dv1 = _dkdv_block(
+            dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, Lse + row_base, Delta + row_base,
+            start_m, stride_qn, stride_don, N_Q, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
+            BLOCK_D0, BLOCK_D1, SPLIT, MASK_D0, MASK_D1, False, INTERPRET, IEEE)
+    if m_full < N_Q:
+        dk0, dk1, dv0, dv1 = _dkdv_block(
+            dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, Lse + row_base, Delta + row_base,
+            m_full, stride_qn, stride_don, N_Q, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
+            BLOCK_D0, BLOCK_D1, SPLIT, MASK_D0, MASK_D1, True, INTERPRET, IEEE)
+
+    dk0 = dk0 * sm_scale
+    dk1 = dk1 * sm_scale
+    if HAS_MASK:  # masked keys: exactly zero gradient (their P column was never masked)
+        real = tl.load(KM + off_b * stride_mb + offs_n * stride_mn, mask=offs_n < N_K, other=0) != 0
+        dk0 = tl.where(real[:, None], dk0, 0.0)
+        dv0 = tl.where(real[:, None], dv0, 0.0)
+        dk1 = tl.where(real[:, None], dk1, 0.0)
+        dv1 = tl.where(real[:, None], dv1, 0.0)
+    _store_tile(dk_base, dk0, offs_n, stride_dkn, offs_d0, N_K, HEAD_DIM, MASK_D0)
+    _store_tile(dv_base, dv0, offs_n, stride_dvn, offs_d0, N_K, HEAD_DIM, MASK_D0)
+    if SPLIT:
+        _store_tile(dk_base, dk1, offs_n, stride_dkn, offs_d1, N_K, HEAD_DIM, MASK_D1)
+        _store_tile(dv_base, dv1, offs_n, stride_dvn, offs_d1, N_K, HEAD_DIM, MASK_D1)
+
+
+# ----------------------------------------------------------------------------------------
+# Autotuning
+# ----------------------------------------------------------------------------------------
+
+_AUTOTUNE_KEY = ["BLOCK_D0", "BLOCK_D1", "HAS_MASK", "NQ_BUCKET", "NK_BUCKET"]
+
+# Curated Hopper subsets (BLOCK_M, BLOCK_N, num_stages, num_warps) of the full space.
+# fwd: Q block large (reuse of K/V), 8 warps for 128x128 tiles (acc + S in registers).
+# dq: iterates over keys, a large query block holds dQ; dkdv: iterates over queries, a
+# large key block holds dK and dV (2 accumulators), so smaller BLOCK_M keeps S^T small.
+_CURATED: dict[str, list[tuple[int, int, int, int]]] = {
+    "fwd": [(128, 128, 3, 8), (128, 128, 2, 8), (128, 64, 3, 8), (128, 64, 3, 4), (64, 64, 4, 4)],
+    "dq": [(128, 64, 3, 8), (128, 128, 2, 8), (64, 64, 3, 4), (64, 128, 3, 4)],
+    "dkdv": [(64, 128, 3, 8), (64, 128, 2, 8), (64, 64, 3, 4), (128, 64, 2, 8)],
+}
+_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=1)
+_SMEM_LIMIT = 232448  # H100/H200: 227 KB of shared memory per block
+_ACC_REGS_LIMIT = 192  # fp32 tile registers per thread above which ptxas spilled (sm_90)
+
+
+def _configs(kind: str) -> list[triton.Config]:
+    if os.environ.get("DITPERF_ATTN_AUTOTUNE", "curated") == "full":
+        space = list(itertools.product((64, 128), (64, 128), (2, 3, 4), (4, 8)))
+    else:
+        space = _CURATED[kind]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
+            for bm, bn, s, w in space]
+
+
+def _footprint(kind: str, cfg: triton.Config, d_cols: int, elem: int) -> tuple[int, float]:
+    """(shared-memory bytes, fp32 tile registers per thread) of a config.
+
+    Calibrated on sm_90 compiles (triton 3.3, bf16): smem is the resident tiles once plus
+    the streamed tiles ``num_stages`` deep (exact there); ptxas spilled exactly when the
+    register count below exceeded 192 (fwd: O acc + S + P/2; dq: dQ + S + dP; dkdv:
+    dK + dV + S^T + dP^T).
+    """
+    bm, bn, s = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_stages
+    threads = 32 * cfg.num_warps
+    if kind == "fwd":  # resident Q; streamed K, V
+        return elem * (bm * d_cols + s * 2 * bn * d_cols), (bm * d_cols + 1.5 * bm * bn) / threads
+    if kind == "dq":  # resident Q, dO; streamed K, V
+        return elem * (2 * bm * d_cols + s * 2 * bn * d_cols), (bm * d_cols + 2 * bm * bn) / threads
+    # dkdv: resident K, V; streamed Q, dO and the lse/delta vectors
+    smem = elem * (2 * bn * d_cols + s * 2 * bm * d_cols) + s * 2 * bm * 4
+    return smem, (2 * bn * d_cols + 2 * bm * bn) / threads
+
+
+def _prune(kind: str):
+    def prune(configs: list[triton.Config], named_args: dict[str, Any],
+              **kwargs: Any) -> list[triton.Config]:
+        args = {**named_args, **kwargs}
+        d_cols = args["BLOCK_D0"] + (args["BLOCK_D1"] if args["SPLIT"] else 0)
+        elem = args["Q"].element_size()
+        sizes = {c: _footprint(kind, c, d_cols, elem) for c in configs}
+        kept = [c for c in configs if sizes[c][0] <= _SMEM_LIMIT and sizes[c][1] <= _ACC_REGS_LIMIT]
+        if not kept:  # never prune everything: keep the smallest footprint
+            kept = [min(configs, key=lambda c: sizes[c])]
+        return kept
+    return prune
+
+
+#: kind -> un-tuned ``@triton.jit`` kernel (also used by ``bench/attention.py --compile-check``)
+KERNEL_BODIES: dict[str, Any] = {"fwd": _fwd_kernel_body, "dq": _bwd_dq_kernel_body,
+                                 "dkdv": _bwd_dkdv_kernel_body}
+
+
+@functools.cache
+def _kernel(kind: str) -> Any:
+    """The autotuned kernel, built on first use: ``triton.autotune`` needs a GPU driver when
+    it is applied (triton 3.3), so importing this module must not apply it."""
+    return autotune(_configs(kind), key=_AUTOTUNE_KEY, interpret_config=_INTERPRET_CONFIG,
+                    prune_configs_by={"early_config_prune": _prune(kind)})(KERNEL_BODIES[kind])
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+
+
+def head_dim_tiles(d: int, split: bool | None = None) -> tuple[int, int]:
+    """(BLOCK_D0, BLOCK_D1) covering head dim ``d``; BLOCK_D1 == 0 means one padded tile.
+
+    Split into a power of two plus a smaller power of two (>= 16, the tl.dot minimum) only
+    when that covers fewer columns than ``next_power_of_2(d)``.
+    """
+    split = SPLIT_HEAD_DIM if split is None else split
+    padded = max(16, next_power_of_2(d))
+    if split:
+        d0 = 1 << (d.bit_length() - 1)
+        if 16 <= d0 < d:
+            d1 = max(16, next_power_of_2(d - d0))
+            if d0 + d1 < padded:
+                return d0, d1
+    return padded, 0
+
+
+def _bucket(n: int) -> int:
+    """Autotune key for a sequence length: next power of two (>= 64)."""
+    return max(64, next_power_of_2(n))
+
+
+def _head_meta(d: int) -> dict[str, Any]:
+    d0, d1 = head_dim_tiles(d)
+    return {"HEAD_DIM": d, "BLOCK_D0": d0, "BLOCK_D1": max(d1, 16), "SPLIT": d1 > 0,
+            "MASK_D0": d < d0, "MASK_D1": d1 > 0 and d < d0 + d1}
+
+
+def _mask_args(key_mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, int,
+               int]:
+    if key_mask is None:
+        return fallback, 0, 0
+    km = key_mask.view(torch.uint8)  # same bytes as bool; loaded and compared != 0
+    return km, km.stride(0), km.stride(1)
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _alloc_out(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """out: (B, H, Nq, D) view of a (B, Nq, H, D) buffer; lse: (B, H, Nq) fp32."""
+    b, h, nq, _ = q.shape
+    out = torch.empty((b, nq, h, v.shape[-1]), device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty((b, h, nq), device=q.device, dtype=torch.float32)
+    return out, lse
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    out, lse = _alloc_out(q, v)
+    if out.numel() == 0:
+        return out, lse
+    km, smb, smn = _mask_args(key_mask, q)
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
+        return (triton.cdiv(nq, meta["BLOCK_M"]), h, b)
+
+    _kernel("fwd")[grid](
+        q, k, v, km, out, lse,
+        *_strides3(q), *_strides3(k), *_strides3(v), smb, smn, *_strides3(out),
+        h, nq, nk, scale * _LOG2E, _bucket(nq), _bucket(nk),
+        HAS_MASK=key_mask is not None, INTERPRET=INTERPRET, IEEE=q.dtype == torch.float32,
+        **_head_meta(d),
+    )
+    return out, lse
+
+
+def _backward(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor,
+              k: torch.Tensor,
+              v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, key_mask: torch.Tensor | None,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty((b, h, nq), device=q.device, dtype=torch.float32)
+    km, smb, smn = _mask_args(key_mask, q)
+    common = {"HAS_MASK": key_mask is not None, "INTERPRET": INTERPRET,
+              "IEEE": q.dtype == torch.float32,
+              **_head_meta(d)}
+    glse = grad_lse if grad_lse is not None else lse
+
+    def grid_q(meta: dict[str, Any]) -> tuple[int, int, int]:
+        return (triton.cdiv(nq, meta["BLOCK_M"]), h, b)
+
+    def grid_k(meta: dict[str, Any]) -> tuple[int, int, int]:
+        return (triton.cdiv(nk, meta["BLOCK_N"]), h, b)
+
+    _kernel("dq")[grid_q](
+        q, k, v, km, out, grad_out, dq, lse, glse, delta,
+        *_strides3(q), *_strides3(k), *_strides3(v), smb, smn, *_strides3(out),
+        *_strides3(grad_out),
+        *_strides3(dq), h, nq, nk, scale * _LOG2E, scale, _bucket(nq), _bucket(nk),
+        HAS_GLSE=grad_lse is not None, **common,
+    )
+    _kernel("dkdv")[grid_k](
+        q, k, v, km, grad_out, dk, dv, lse, delta,
+        *_strides3(q), *_strides3(k), *_strides3(v), smb, smn, *_strides3(grad_out),
+        *_strides3(dk), *_strides3(dv), h, nq, nk, scale * _LOG2E, scale, _bucket(nq), _bucket(nk),
+        **common,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                  scale: float | None, *, reference: bool = False) -> float:
+    """Validate shapes/dtypes/devices; return the resolved scale. ``reference``: the torch
+    reference also accepts float64."""
+    dtypes = FLOAT_DTYPES + ((torch.float64,) if reference else ())
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, dtypes=dtypes)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, N, D) (SDPA layout), "
+                             f"got shape {tuple(t.shape)}")
+    b, h, _, d = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"q, k, v must share one dtype, got q {q.dtype} and {name} {t.dtype}")
+        if t.shape[0] != b or t.shape[1] != h:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; batch and heads must match q's "
+                             f"(B={b}, H={h}): expected ({b}, {h}, Nk, {d})")
+        if t.shape[3] != d:
+            raise ValueError(f"{name} has head dim {t.shape[3]}; expected q's head dim D={d} "
+                             "(q, k and v must share D)")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"k and v must have the same number of keys, got k {tuple(k.shape)} and "
+                         f"v {tuple(v.shape)}")
+    if d % 8 != 0 or not _MIN_D <= d <= _MAX_D:
+        pad = min(_MAX_D, -(-d // 8) * 8)
+        hint = (f"pad q, k, v with zeros to D={pad} "
+                f"(torch.nn.functional.pad(x, (0, {pad - d}))), pass "
+                f"scale={d}**-0.5 explicitly and slice out[..., :{d}]" if d < _MAX_D else
+                "split the heads (more heads of a smaller head dim)")
+        raise ValueError(f"head dim D={d} is not supported: ditperf.attention needs D a "
+                         "multiple of 8 "
+                         f"in [{_MIN_D}, {_MAX_D}]; {hint}")
+    if key_mask is not None:
+        check_tensor("key_mask", key_mask, dtype=None, last_dim_contiguous=False)
+        if key_mask.dtype != torch.bool:
+            raise TypeError(f"key_mask has dtype {key_mask.dtype}; expected torch.bool "
+                            "(True = real key)")
+        check_tensor("key_mask", key_mask, shape=(b, k.shape[2]), last_dim_contiguous=False)
+    tensors = [("q", q), ("k", k),
+               ("v", v)] + ([("key_mask", key_mask)] if key_mask is not None else [])
+    devices = {t.device for _, t in tensors}
+    if len(devices) != 1:
+        listing = ", ".join(f"{n} on {t.device}" for n, t in tensors)
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    if scale is None:
+        return d ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float (default D**-0.5), got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+# ----------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("ditperf::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_inputs(q, k, v, key_mask, scale)
+    require_kernel_device(("q", q), ("k", k), ("v", v))
+    return _forward(q, k, v, key_mask, scale)
+
+
+@_attention_op.register_fake
+def _attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    key_mask: torch.Tensor | None,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_inputs(q, k, v, key_mask, scale)
+    return _alloc_out(q, v)
+
+
+@torch.library.custom_op("ditperf::attention_bwd", mutates_args=())
+def _attention_bwd_op(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor,
+                      k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                      key_mask: torch.Tensor | None, scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_tensor("grad_out", grad_out, shape=out.shape, dtype=out.dtype,
+                 last_dim_contiguous=grad_out.numel() > 0)
+    check_tensor("lse", lse, shape=(q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32,
+                 contiguous=True)
+    if grad_lse is not None:
+        check_tensor("grad_lse", grad_lse, shape=lse.shape, dtype=torch.float32, contiguous=True)
+    return _backward(grad_out, grad_lse, q, k, v, out, lse, key_mask, scale)
+
+
+@_attention_bwd_op.register_fake
+def _attention_bwd_fake(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor,
+                        k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                        key_mask: torch.Tensor | None, scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...],
+                   output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    q, k, v, key_mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_mask)
+    ctx.scale = scale
+
+
+def _dense_last_dim(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _autograd_backward(ctx: Any, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None
+                       ) -> tuple[torch.Tensor | None, ...]:
+    q, k, v, out, lse, key_mask = ctx.saved_tensors
+    grad_out = torch.zeros_like(out) if grad_out is None else _dense_last_dim(grad_out)
+    if grad_lse is not None:
+        grad_lse = grad_lse.contiguous()
+    dq, dk, dv = torch.ops.ditperf.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, key_mask,
+                                                 ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+              key_mask: torch.Tensor | None = None,
+              scale: float | None = None) -> torch.Tensor:
+    """``softmax(scale * q k^T + mask) v`` with the fused Triton kernels (differentiable).
+
+    Args:
+        q: (B, H, Nq, D); k, v: (B, H, Nk, D); bf16/fp16 (fp32 for tests), same dtype and
+            device; any strides with a contiguous last dim. D: a multiple of 8 in [8, 128].
+        key_mask: optional bool (B, Nk), True = real key. A query row with no real key
+            returns zeros (and zero gradients), never NaN.
+        scale: softmax scale, default ``D**-0.5``.
+
+    Returns:
+        (B, H, Nq, D), a view of a (B, Nq, H, D)-contiguous buffer (so
+        ``out.transpose(1, 2).reshape(B, Nq, H * D)`` is free).
+    """
+    s = _check_inputs(q, k, v, key_mask, scale)
+    return torch.ops.ditperf.attention(q, k, v, key_mask, s)[0]
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                  key_mask: torch.Tensor | None = None,
+                  scale: float | None = None) -> torch.Tensor:
+    """Explicit ``softmax(scale * q k^T + mask) v`` in the inputs' precision (upcast the
+    inputs to fp32/fp64 for an accurate reference). Fully masked rows give zeros."""
+    s = _check_inputs(q, k, v, key_mask, scale, reference=True)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * s
+    if key_mask is None:
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+    allowed = key_mask[:, None, None, :]
+    none_real = ~key_mask.any(dim=-1)[:, None, None, None]
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(none_real, 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(~allowed, 0.0)
+    return torch.matmul(probs, v)
+
+
+def joint_attention_mask(text_lengths: torch.Tensor | Sequence[int], text_len: int, image_len: int,
+                         *, text_first: bool = True,
+                         device: torch.device | str | None = None) -> torch.Tensor:
+    """Key mask (B, text_len + image_len) for joint attention over concatenated tokens.
+
+    Token order: ``[text (text_len, right-padded), image (image_len)]`` when ``text_first``
+    (Flux / PixArt-style), ``[image, text]`` otherwise (SD3 / diffusers' JointAttnProcessor
+    concatenates the image stream first). True = real key: text position t of sample b is
+    real iff ``t < text_lengths[b]``; every image token is real. Use the same order when
+    concatenating q, k and v along the sequence axis.
+    """
+    if not isinstance(text_len, int) or not isinstance(image_len,
+                      int) or text_len < 0 or image_len < 0:
+        raise ValueError("text_len and image_len must be ints >= 0, "
+                         f"got {text_len!r}, {image_len!r}")
+    if isinstance(text_lengths, torch.Tensor):
+        lengths = text_lengths
+        if lengths.dim() != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+            raise ValueError(f"text_lengths must be a 1-D integer tensor (B,), got {lengths.dtype} "
+                             f"of shape {tuple(lengths.shape)}")
+        if device is not None:
+            lengths = lengths.to(device)
+        if not torch.compiler.is_compiling() and bool(((lengths < 0) | (lengths > text_len)).any()):
+            raise ValueError(f"text_lengths must lie in [0, text_len={text_len}], "
+                             f"got {lengths.tolist()}")
+    else:
+        values = list(text_lengths)
+        if not all(isinstance(n, int) and 0 <= n <= text_len for n in values):
+            raise ValueError(f"text_lengths must be ints in [0, text_len={text_len}], got {values}")
+        lengths = torch.tensor(values, dtype=torch.int64, device=device)
+    text = torch.arange(text_len, device=lengths.device)[None, :] < lengths[:, None]
+    image = torch.ones((lengths.shape[0], image_len), dtype=torch.bool, device=lengths.device)
+    return torch.cat([text, image] if text_first else [image, text], dim=1)

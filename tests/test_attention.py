@@ -1,0 +1,393 @@
+"""Tests for the fused attention kernels (``ditperf.kernels.attention``).
+
+Accuracy idiom: ``max|kernel - ref64| <= 2 * max|torch - ref64| + atol * max|ref64|`` where
+ref64 is the explicit softmax reference in float64 on the same (rounded) inputs and "torch"
+is PyTorch at the kernel's precision (SDPA and the explicit reference in that dtype; the
+larger of the two errors). Checked for the output and all three gradients.
+
+On CPU the kernels run under Triton's interpreter (~10 ms per program step, tiles 128x128):
+shapes are kept small; the ``gpu`` class runs real DiT shapes on CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ditperf.kernels import attention, attention_ref, joint_attention_mask
+
+# The interpreter converts scalar arrays with __index__ (numpy >= 1.25 warns); not our code.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Conversion of an array with ndim:DeprecationWarning")
+
+attn_mod = importlib.import_module("ditperf.kernels.attention")  # the module, not the function
+
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+NAMES = ("out", "dq", "dk", "dv")
+
+
+def _inputs(shape: tuple[int, int, int, int, int], dtype: torch.dtype, device: torch.device,
+            mask_p: float | None = None) -> tuple[torch.Tensor, ...]:
+    """q, k, v, grad_out in float32 (cast later) and an optional key mask with at least one
+    real key per batch entry (so that SDPA is defined everywhere)."""
+    b, h, nq, nk, d = shape
+    q = torch.randn(b, h, nq, d, device=device)
+    k = torch.randn(b, h, nk, d, device=device)
+    v = torch.randn(b, h, nk, d, device=device)
+    g = torch.randn(b, h, nq, d, device=device)
+    mask = None
+    if mask_p is not None:
+        mask = torch.rand(b, nk, device=device) > mask_p
+        mask[:, torch.randint(nk, (1,)).item()] = True
+    return q, k, v, g, mask
+
+
+def _run(fn, q, k, v, g, mask, dtype, **kw) -> list[torch.Tensor]:
+    """Output and gradients of fn at ``dtype``, returned in float64."""
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    out = fn(*leaves, key_mask=mask, **kw)
+    out.backward(g.to(dtype))
+    return [t.detach().double() for t in (out, *(x.grad for x in leaves))]
+
+
+def _sdpa(q, k, v, *, key_mask=None, scale=None):
+    attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+
+
+def _check(shape, dtype, device, mask_p=None, scale=None, torch_baselines=True) -> None:
+    q, k, v, g, mask = _inputs(shape, dtype, device, mask_p)
+    got = _run(attention, q, k, v, g, mask, dtype, scale=scale)
+    ref = _run(attention_ref, q.to(dtype), k.to(dtype), v.to(dtype), g.to(dtype), mask,
+               torch.float64, scale=scale)
+    if torch_baselines:
+        same = [_run(fn, q, k, v, g, mask, dtype, scale=scale) for fn in (_sdpa, attention_ref)]
+    for i, name in enumerate(NAMES):
+        assert torch.isfinite(got[i]).all(), f"{name}: non-finite values"
+        err = (got[i] - ref[i]).abs().max().item()
+        base = max((s[i] - ref[i]).abs().max().item() for s in same) if torch_baselines else 0.0
+        bound = 2 * base + ATOL[dtype] * max(1.0, ref[i].abs().max().item())
+        assert err <= bound, (f"{name}: max error {err:.3e} > bound {bound:.3e} "
+                              f"(torch {base:.3e}) for {shape} {dtype}")
+
+
+CASES = [
+    # (B, H, Nq, Nk, D), dtype, mask probability of a masked key (None: no mask)
+    pytest.param((1, 2, 64, 64, 64), torch.bfloat16, None, id="square-d64-bf16"),
+    pytest.param((3, 1, 200, 200, 72), torch.bfloat16, None, id="b3-tail-d72-bf16"),
+    pytest.param((1, 2, 37, 120, 32), torch.float16, 0.3, id="cross-masked-d32-fp16"),
+    pytest.param((2, 1, 150, 77, 96), torch.float32, 0.5, id="cross-masked-d96-fp32"),
+    pytest.param((1, 1, 1, 1, 128), torch.float16, None, id="n1-d128-fp16"),
+    pytest.param((1, 1, 130, 70, 128), torch.bfloat16, 0.3, id="masked-d128-bf16"),
+    pytest.param((1, 1, 9, 300, 72), torch.float16, None, id="nk300-three-key-blocks-fp16"),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,mask_p", CASES)
+def test_matches_reference_and_sdpa(shape, dtype, mask_p, device):
+    _check(shape, dtype, device, mask_p)
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split-64+16", "padded-128"])
+def test_head_dim_72_split_and_padded(split, device, monkeypatch):
+    monkeypatch.setattr(attn_mod, "SPLIT_HEAD_DIM", split)
+    _check((1, 1, 70, 140, 72), torch.float32, device, mask_p=0.2)
+
+
+def test_head_dim_tiles():
+    tiles = {d: attn_mod.head_dim_tiles(d, split=True) for d in range(8, 129, 8)}
+    assert tiles[72] == (64, 16) and tiles[96] == (64, 32) and tiles[40] == (32, 16)
+    assert tiles[64] == (64, 0) and tiles[128] == (128, 0) and tiles[8] == (16, 0)
+    for d, (d0, d1) in tiles.items():
+        assert d0 + d1 >= d and d0 + d1 <= max(16, 1 << (d - 1).bit_length())
+    assert attn_mod.head_dim_tiles(72, split=False) == (128, 0)
+
+
+def test_custom_scale(device):
+    _check((1, 1, 33, 45, 40), torch.float32, device, scale=0.3, torch_baselines=False)
+
+
+def test_fully_masked_rows_give_zeros_not_nan(device):
+    b, h, nq, nk, d = 2, 2, 20, 50, 32
+    q, k, v, g, _ = _inputs((b, h, nq, nk, d), torch.float32, device)
+    mask = torch.rand(b, nk, device=device) > 0.5
+    mask[0] = False  # batch entry 0 has no real key at all
+    mask[1, 3] = True
+    out, dq, dk, dv = _run(attention, q, k, v, g, mask, torch.float32)
+    for t in (out, dq, dk, dv):
+        assert torch.isfinite(t).all()
+        assert (t[0] == 0).all()
+    ref = _run(attention_ref, q, k, v, g, mask, torch.float64)
+    for got, want in zip((out, dq, dk, dv), ref):
+        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+    # masked keys of entry 1 get exactly zero dK/dV
+    assert (dk[1][:, ~mask[1]] == 0).all() and (dv[1][:, ~mask[1]] == 0).all()
+    _, lse = torch.ops.ditperf.attention(q, k, v, mask, d**-0.5)
+    assert torch.isneginf(lse[0]).all() and torch.isfinite(lse[1]).all()
+
+
+def test_strided_views_are_read_in_place(device):
+    """q/k/v as transposes of a packed (B, N, 3, H, D) projection give bit-identical results
+    to contiguous copies, and out is (B, Nq, H, D)-contiguous."""
+    b, n, h, d = 2, 40, 2, 48
+    qkv = torch.randn(b, n, 3, h, d, device=device, requires_grad=True)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    out = attention(q, k, v)
+    assert out.shape == (b, h, n, d) and out.transpose(1, 2).is_contiguous()
+    g = torch.randn_like(out)
+    out.backward(g)
+    leaves = [x.detach().contiguous().requires_grad_() for x in (q, k, v)]
+    out_c = attention(*leaves)
+    out_c.backward(g.contiguous())
+    assert torch.equal(out, out_c)
+    for i, leaf in enumerate(leaves):
+        assert torch.equal(qkv.grad[:, :, i].transpose(1, 2), leaf.grad)
+
+
+def test_lse_output_and_its_gradient(device):
+    b, h, nq, nk, d = 1, 2, 30, 60, 32
+    q, k, v, g, mask = _inputs((b, h, nq, nk, d), torch.float32, device, mask_p=0.3)
+    gl = torch.randn(b, h, nq, device=device)
+    scale = d**-0.5
+
+    def loss(fn_out, fn_lse):
+        return (fn_out * g).sum() + (fn_lse * gl).sum()
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = torch.ops.ditperf.attention(*leaves, mask, scale)
+    loss(out, lse).backward()
+    ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    scores = (ref_leaves[0] @ ref_leaves[1].transpose(-2, -1)) * scale
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    ref_lse = torch.logsumexp(scores, dim=-1)
+    ref_out = attention_ref(*ref_leaves, key_mask=mask)
+    loss(ref_out, ref_lse).backward()
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_joint_attention_mask_order_and_use(device):
+    lengths = torch.tensor([2, 0, 3])
+    m = joint_attention_mask(lengths, text_len=3, image_len=2)
+    assert m.dtype == torch.bool and m.shape == (3, 5)
+    assert m.tolist() == [[True, True, False, True, True], [False, False, False, True, True],
+                          [True, True, True, True, True]]
+    m2 = joint_attention_mask([2, 0, 3], 3, 2, text_first=False)
+    assert m2.tolist() == [[True, True, True, True, False], [True, True, False, False, False],
+                           [True, True, True, True, True]]
+    with pytest.raises(ValueError, match="text_lengths"):
+        joint_attention_mask(torch.tensor([4]), 3, 2)
+    with pytest.raises(ValueError, match="text_lengths"):
+        joint_attention_mask([-1], 3, 2)
+    with pytest.raises(ValueError, match="integer"):
+        joint_attention_mask(torch.tensor([1.0]), 3, 2)
+    # joint attention over [text, image]: one kernel call with the mask
+    b, h, lt, li, d = 2, 1, 7, 20, 32
+    mask = joint_attention_mask(torch.tensor([3, 7]), lt, li).to(device)
+    x = torch.randn(3, b, h, lt + li, d, device=device)
+    torch.testing.assert_close(attention(*x, key_mask=mask), attention_ref(*x, key_mask=mask),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_empty_inputs(device):
+    q = torch.randn(2, 1, 0, 32, device=device)
+    k = torch.randn(2, 1, 5, 32, device=device)
+    out = attention(q, k, k)
+    assert out.shape == (2, 1, 0, 32)
+    q = torch.randn(0, 1, 4, 32, device=device, requires_grad=True)
+    out = attention(q, q, q)
+    out.sum().backward()
+    assert out.shape == (0, 1, 4, 32) and q.grad.shape == q.shape
+
+
+def test_reference_matches_sdpa_fp64():
+    q, k, v, _, mask = _inputs((2, 2, 17, 23, 24), torch.float64, torch.device("cpu"), mask_p=0.4)
+    q, k, v = q.double(), k.double(), v.double()
+    torch.testing.assert_close(attention_ref(q, k, v, key_mask=mask), _sdpa(q, k, v, key_mask=mask))
+
+
+def test_opcheck(device):
+    q, k, v, _, mask = _inputs((1, 2, 9, 13, 16), torch.float32, device, mask_p=0.3)
+    args = [x.requires_grad_() for x in (q, k, v)]
+    torch.library.opcheck(torch.ops.ditperf.attention.default, (*args, mask, 0.25))
+    torch.library.opcheck(torch.ops.ditperf.attention.default, (*args, None, 0.25))
+    out, lse = torch.ops.ditperf.attention(*[x.detach() for x in args], mask, 0.25)
+    go, gl = torch.randn_like(out), torch.randn_like(lse)
+    torch.library.opcheck(torch.ops.ditperf.attention_bwd.default,
+                          (go, gl, *[x.detach() for x in args], out, lse, mask, 0.25))
+
+
+def test_torch_compile_fullgraph(device):
+    q, k, v, g, mask = _inputs((1, 2, 20, 30, 32), torch.float32, device, mask_p=0.3)
+
+    def f(q, k, v, mask):
+        return attention(q, k, v, key_mask=mask) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = compiled(*leaves, mask)
+    out.backward(g)
+    eager = [x.clone().requires_grad_() for x in (q, k, v)]
+    out_e = f(*eager, mask)
+    out_e.backward(g)
+    torch.testing.assert_close(out, out_e, rtol=0, atol=0)
+    for a, b in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def _t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+BAD = [
+    pytest.param(lambda: (_t(1, 2, 8, 32), _t(2, 2, 8, 32), _t(2, 2, 8, 32)), {}, ValueError,
+                 "batch and heads",
+                 id="batch-mismatch"),
+    pytest.param(lambda: (_t(1, 2, 8, 32), _t(1, 3, 8, 32), _t(1, 3, 8, 32)), {}, ValueError,
+                 "batch and heads",
+                 id="heads-mismatch"),
+    pytest.param(lambda: (_t(1, 2, 8, 32), _t(1, 2, 8, 40), _t(1, 2, 8, 40)), {}, ValueError,
+                 "head dim",
+                 id="d-mismatch"),
+    pytest.param(lambda: (_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 9, 32)), {}, ValueError,
+                 "same number of keys",
+                 id="nk-mismatch"),
+    pytest.param(lambda: (_t(1, 2, 8, 60), _t(1, 2, 8, 60), _t(1, 2, 8, 60)), {}, ValueError,
+                 "multiple of 8.*pad",
+                 id="d-not-multiple-of-8"),
+    pytest.param(lambda: (_t(1, 2, 8, 136), _t(1, 2, 8, 136), _t(1, 2, 8, 136)), {}, ValueError,
+                 r"multiple of 8 in \[8, 128\]", id="d-too-large"),
+    pytest.param(lambda: (_t(2, 8, 32), _t(2, 8, 32), _t(2, 8, 32)), {}, ValueError, "4-D",
+                 id="3d"),
+    pytest.param(lambda: (_t(1, 2, 8, 32), _t(1, 2, 8, 32, dtype=torch.float16), _t(1, 2, 8, 32)),
+                 {}, TypeError,
+                 "share one dtype", id="dtype-mix"),
+    pytest.param(lambda: (_t(1, 2, 8, 32, dtype=torch.float64),) * 3, {}, TypeError, "float64",
+                 id="float64"),
+    pytest.param(lambda: (_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32)),
+                 {"key_mask": torch.ones(1, 9, dtype=torch.bool)}, ValueError, "key_mask has shape",
+                 id="mask-shape"),
+    pytest.param(lambda: (_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32)),
+                 {"key_mask": torch.ones(1, 8)}, TypeError, "key_mask has dtype", id="mask-dtype"),
+    pytest.param(lambda: (_t(1, 2, 8, 32), _t(1, 2, 8, 32).to("meta"), _t(1, 2, 8, 32)), {},
+                 ValueError,
+                 "one device", id="devices"),
+    pytest.param(lambda: (_t(1, 2, 8, 32).transpose(-1, -2).contiguous().transpose(-1, -2),) * 3,
+                 {}, ValueError,
+                 "contiguous last dimension", id="last-dim-strided"),
+    pytest.param(lambda: (_t(1, 2, 8, 32),) * 3, {"scale": float("nan")}, ValueError, "finite",
+                 id="scale-nan"),
+    pytest.param(lambda: (_t(1, 2, 8, 32),) * 3, {"scale": torch.tensor(0.5)}, TypeError, "scale",
+                 id="scale-tensor"),
+    pytest.param(lambda: ([[1.0]], _t(1, 2, 8, 32), _t(1, 2, 8, 32)), {}, TypeError, "torch.Tensor",
+                 id="not-a-tensor"),
+]
+
+
+@pytest.mark.parametrize("make,kwargs,exc,match", BAD)
+def test_bad_input(make, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        attention(*make(), **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,dtype,mask_p", [
+    pytest.param((2, 2, 300, 300, 64), torch.bfloat16, 0.2, id="multi-block-masked-bf16"),
+    pytest.param((1, 2, 520, 120, 72), torch.float16, 0.3, id="cross-520x120-d72-fp16"),
+    pytest.param((1, 1, 257, 513, 128), torch.float32, None, id="tails-d128-fp32"),
+])
+def test_bigger_shapes(shape, dtype, mask_p, device):
+    _check(shape, dtype, device, mask_p)
+
+
+@pytest.mark.gpu
+class TestGPU:
+    """Real DiT shapes on CUDA (compiled kernels, autotuned)."""
+
+    @pytest.mark.parametrize("shape,dtype,mask_p", [
+        ((2, 16, 1024, 1024, 72), torch.bfloat16, None),
+        ((1, 16, 4096, 4096, 128), torch.bfloat16, None),
+        ((2, 24, 1024, 1024, 64), torch.float16, None),
+        ((2, 16, 1024, 120, 72), torch.bfloat16, 0.3),
+        ((2, 4, 333, 1000, 96), torch.bfloat16, 0.5),
+        ((1, 2, 100, 77, 72), torch.float32, 0.2),
+    ])
+    def test_dit_shapes_vs_sdpa(self, shape, dtype, mask_p, device):
+        _check(shape, dtype, device, mask_p)
+
+    @pytest.mark.parametrize("d", list(range(8, 129, 8)))
+    def test_every_head_dim(self, d, device):
+        _check((2, 3, 200, 150, d), torch.bfloat16, device, mask_p=0.3)
+
+    @pytest.mark.parametrize("split", [True, False])
+    def test_head_dim_72_both_paths(self, split, device, monkeypatch):
+        monkeypatch.setattr(attn_mod, "SPLIT_HEAD_DIM", split)
+        _check((2, 8, 1000, 1000, 72), torch.bfloat16, device, mask_p=0.1)
+
+    def test_deterministic_backward(self, device):
+        q, k, v, g, mask = _inputs((2, 8, 1024, 1024, 72), torch.bfloat16, device, mask_p=0.1)
+        first = _run(attention, q, k, v, g, mask, torch.bfloat16)
+        second = _run(attention, q, k, v, g, mask, torch.bfloat16)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+
+    def test_fully_masked_rows(self, device):
+        test_fully_masked_rows_give_zeros_not_nan(device)
+
+    def test_strided_views(self, device):
+        test_strided_views_are_read_in_place(device)
+
+    def test_cuda_graph_capture(self, device):
+        b, h, n, d = 2, 8, 512, 72
+        q, k, v, g, mask = (x.to(torch.bfloat16) if x.is_floating_point() else x
+                            for x in _inputs((b, h, n, n, d), torch.bfloat16, device, mask_p=0.2))
+        scale = d**-0.5
+        # warm up (autotuning happens here, outside the capture)
+        out, lse = torch.ops.ditperf.attention(q, k, v, mask, scale)
+        torch.ops.ditperf.attention_bwd(g, None, q, k, v, out, lse, mask, scale)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            g_out, g_lse = torch.ops.ditperf.attention(q, k, v, mask, scale)
+            g_dq, g_dk, g_dv = torch.ops.ditperf.attention_bwd(g, None, q, k, v, g_out, g_lse, mask,
+                                                               scale)
+        for _ in range(2):  # new inputs in the static buffers, replay, compare with eager
+            for t in (q, k, v, g):
+                t.copy_(torch.randn_like(t))
+            graph.replay()
+            out, lse = torch.ops.ditperf.attention(q, k, v, mask, scale)
+            dq, dk, dv = torch.ops.ditperf.attention_bwd(g, None, q, k, v, out, lse, mask, scale)
+            torch.cuda.synchronize()
+            for a, b in ((g_out, out), (g_lse, lse), (g_dq, dq), (g_dk, dk), (g_dv, dv)):
+                assert torch.equal(a, b)
+
+    def test_torch_compile_inductor(self, device):
+        q, k, v, g, mask = _inputs((2, 4, 256, 120, 72), torch.bfloat16, device, mask_p=0.3)
+        q, k, v, g = (x.to(torch.bfloat16) for x in (q, k, v, g))
+
+        def f(x, k, v, mask):
+            return attention(x * 1.5, k, v, key_mask=mask).float().sum(-1)
+
+        compiled = torch.compile(f, fullgraph=True)
+        eager_leaf, comp_leaf = q.clone().requires_grad_(), q.clone().requires_grad_()
+        torch.testing.assert_close(compiled(comp_leaf, k, v, mask), f(eager_leaf, k, v, mask))
+        compiled(comp_leaf, k, v, mask).sum().backward()
+        f(eager_leaf, k, v, mask).sum().backward()
+        torch.testing.assert_close(comp_leaf.grad, eager_leaf.grad)
+
+    def test_large_batch_offsets(self, device):
+        """More than 2**31 elements in one tensor: 64-bit batch/head offsets."""
+        if torch.cuda.get_device_properties(device).total_memory < 40 * 2**30:
+            pytest.skip("needs > 40 GB of GPU memory")
+        b, h, n, d = 257, 16, 4096, 128  # 257 * 2**27 > 2**31 elements
+        q = torch.randn(b, h, n, d, device=device, dtype=torch.bfloat16)
+        k = torch.randn(b, h, 256, d, device=device, dtype=torch.bfloat16)
+        out = attention(q, k, k)
+        idx = (slice(b - 1, b), slice(h - 1, h), slice(n - 300, n))
+        want = _sdpa(q[idx].float(), k[b - 1:b, h - 1:h].float(), k[b - 1:b, h - 1:h].float())
+        assert math.isclose(0.0, (out[idx].float() - want).abs().max().item(), abs_tol=2e-2)
