@@ -353,6 +353,61 @@ def test_opcheck_gated(device):
              (d, d, x.detach(), y.detach(), g.detach(), None, sc.detach(), 1e-6))
 
 
+_SM90_COMPILE = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ditperf.kernels import norms as K
+
+def sig(fn, consts, ptr):
+    return {n: "constexpr" if n in consts else ptr.get(n, "fp32" if n == "eps" else "i32")
+            for n in fn.arg_names}
+
+target = GPUTarget("cuda", 90, 32)
+# (IS_RMS, gated, weight+bias, modulated, BLOCK_C, ROWS, num_warps, dtype)
+for rms, gated, wb, mod, bc, rows, warps, dt in [
+        (False, True, False, True, 2048, 1, 16, "bf16"), (False, False, True, True, 1024, 2, 8, "fp16"),
+        (True, False, True, False, 128, 16, 16, "bf16"), (False, False, False, True, 8192, 1, 16, "fp32")]:
+    flags = dict(IS_RMS=rms, HAS_RESIDUAL=gated, HAS_GATE=gated, HAS_WEIGHT=wb, HAS_BIAS=wb and not rms,
+                 HAS_SHIFT=mod, HAS_SCALE=mod, BLOCK_C=bc, ROWS=rows)
+    none = {"Y": gated, "XNEW": gated, "GATE": gated, "W": wb, "BIAS": wb and not rms, "SHIFT": mod, "SCALE": mod}
+    c = {**flags, **{k: None for k, v in none.items() if not v}}
+    ptr = {n: "*" + dt for n in ("X", "Y", "GATE", "W", "BIAS", "SHIFT", "SCALE", "OUT", "XNEW")}
+    triton.compile(ASTSource(K._norm_fwd_kernel, sig(K._norm_fwd_kernel, c, ptr), c), target=target,
+                   options={"num_warps": warps})
+    none = {"DXN": gated, "Y": gated, "DY": gated, "GATE": gated, "W": wb, "BIAS": wb and not rms,
+            "SCALE": mod, "PART_W": wb, "PART_B": wb and not rms, "PART_SHIFT": mod, "PART_SCALE": mod,
+            "PART_GATE": gated}
+    c = {**flags, "HAS_DXN": gated, "STATIC_ITERS": 0, **{k: None for k, v in none.items() if not v}}
+    ptr = {n: ("*fp32" if n.startswith("PART") else "*" + dt) for n in ("X", "DH", "DXN", "Y", "GATE", "W",
+           "BIAS", "SCALE", "DX", "DY", "PART_W", "PART_B", "PART_SHIFT", "PART_SCALE", "PART_GATE")}
+    triton.compile(ASTSource(K._norm_bwd_kernel, sig(K._norm_bwd_kernel, c, ptr), c), target=target,
+                   options={"num_warps": warps})
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter never runs Triton's GPU compiler: compile representative fwd/bwd
+    specializations to sm_90 machine code (no GPU needed) so type/layout errors show here."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the GPU tests compile and run the kernels for real")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"this triton cannot compile ahead of time: {exc}")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------------------
 # Bad input: a ValueError/TypeError naming the argument, never a crash or garbage
 # ----------------------------------------------------------------------------------------
