@@ -52,9 +52,12 @@ per program; a torch ``.sum`` over the small (programs, C) buffer finishes them.
 ``ROWS`` and ``num_warps`` are autotuned per ``BLOCK_C`` (key: C and the feature flags); under
 the interpreter one config with large row blocks (its cost is per program step).
 
-Predicted on H100 (copy roof ~3.0 TB/s, bf16, 16k-64k tokens, C in 768..2048): forward
-~2.5-2.8 TB/s (83-93% of copy), backward ~2.2-2.6 TB/s (the partial-sum buffers are < 1% of
-the bytes), both 2.5-3.5x faster than eager (which makes 3 passes or more).
+Predicted on H100 (copy roof ~3.0 TB/s, bf16, 16k-64k tokens, C in 768..2048; not measured
+yet): forward ~2.4-2.8 TB/s (80-93% of copy), backward ~2.0-2.4 TB/s (the partial-sum
+buffers are < 1% of the bytes: (4 x SMs) x C x 4 bytes each), both 2.5-3.5x faster than eager
+(which makes 3 passes or more). Registers (ptxas -v, sm_90, bf16): forward 40-96, backward
+49-128 per thread for the autotune candidates; no spills except a few bytes in the
+largest gated backward tiles at small C (the autotuner can pick around them).
 """
 
 
@@ -307,7 +310,8 @@ def _gpu_configs(block_c: int, max_tile: int, per_thread: tuple[int, ...]) -> li
     """(ROWS, num_warps) candidates for a memory-bound row kernel: [ROWS, BLOCK_C] tiles of
     2K..max_tile elements (at least one row) holding ``per_thread`` fp32 values per thread per
     live array: enough bytes in flight per SM without register spills (checked with ptxas -v
-    for sm_90: no spills at C <= 8192). 3-6 configs per BLOCK_C."""
+    for sm_90: no spills, or a few bytes in the largest gated backward tiles). 1-6 configs
+    per BLOCK_C."""
     if block_c >= max_tile:  # one row per program, as many threads as it takes
         return [triton.Config({"ROWS": 1}, num_warps=16)]
     configs = []
