@@ -11,3 +11,25 @@ import torch
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+from ditperf.kernels.attention import attention, attention_ref, joint_attention_mask  # noqa: E402
+from ditperf.kernels.norms import (  # noqa: E402
+    gated_residual_layer_norm,
+    gated_residual_layer_norm_ref,
+    layer_norm,
+    layer_norm_ref,
+    rms_norm,
+    rms_norm_ref,
+)
+
+__all__ = [
+    "attention",
+    "attention_ref",
+    "gated_residual_layer_norm",
+    "gated_residual_layer_norm_ref",
+    "joint_attention_mask",
+    "layer_norm",
+    "layer_norm_ref",
+    "rms_norm",
+    "rms_norm_ref",
+]
