@@ -1,0 +1,118 @@
+"""PowerCallback in a tiny Composer fit on CPU, with a replayed power trace and for real
+without NVML; and ditperf.profiling without Composer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from ditperf.profiling.readers import REPLAY_ENV, synthetic_trace, write_replay
+
+composer = pytest.importorskip("composer")
+
+BATCH = 4
+
+
+def _fit(callback, batches: int, loggers=(), step_s: float = 0.02):
+    from composer import Trainer
+    from composer.models import ComposerModel
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Tiny(ComposerModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def forward(self, batch):
+            time.sleep(step_s)  # a "step" long enough to hold a few power samples
+            return self.lin(batch[0])
+
+        def loss(self, outputs, batch):
+            return ((outputs.squeeze(-1) - batch[1]) ** 2).mean()
+
+    data = TensorDataset(torch.randn(BATCH * batches, 4), torch.randn(BATCH * batches))
+    trainer = Trainer(model=Tiny(), train_dataloader=DataLoader(data, batch_size=BATCH), max_duration=f"{batches}ba",
+                      callbacks=[callback], loggers=list(loggers), device="cpu", progress_bar=False,
+                      log_to_console=False, seed=17)
+    trainer.fit()
+    trainer.close()
+    return trainer
+
+
+def test_callback_logs_power_metrics_with_replayed_trace(tmp_path, monkeypatch):
+    from composer.loggers import InMemoryLogger
+    from ditperf.profiling.callback import PowerCallback
+
+    # a counter refreshed every 5 ms: window edges then cost at most ~2.5 ms x 520 W each
+    info, samples = synthetic_trace(lambda t: 520.0, 60.0, update_period_s=0.005, limit_w=700.0)
+    monkeypatch.setenv(REPLAY_ENV, str(write_replay(tmp_path / "r.json", [(info, samples)])))
+    monkeypatch.setenv("DITPERF_CACHE_DIR", str(tmp_path / "cache"))
+    cb = PowerCallback(interval_s=0.01, log_interval=3, out_dir=tmp_path / "power")
+    mem = InMemoryLogger()
+    _fit(cb, batches=8, loggers=[mem], step_s=0.05)
+    assert not cb.disabled, cb.disabled_reason
+    mean_w = [v for _, v in mem.data["power/mean_w"]]
+    assert len(mean_w) == 3  # intervals ending at batches 3, 6 and the partial one at 8
+    assert all(v == pytest.approx(520.0, rel=0.1) for v in mean_w), mean_w
+    util = [v for _, v in mem.data["power/proxy_util"]]
+    assert util == pytest.approx([w / 700.0 for w in mean_w])
+    e = [v for _, v in mem.data["power/energy_j"]]
+    per_img = [v for _, v in mem.data["power/energy_per_img_j"]]
+    assert per_img[0] == pytest.approx(e[0] / (3 * BATCH)) and per_img[2] == pytest.approx(e[2] / (2 * BATCH))
+    assert mem.data["power/total_energy_j"][-1][1] == pytest.approx(sum(e))
+    fit = cb.fit_summary
+    assert fit["items"] == 8 * BATCH and fit["energy_j"] == pytest.approx(sum(e))
+    assert mem.data["power/fit/energy_per_img_j"][-1][1] == pytest.approx(sum(e) / (8 * BATCH))
+    doc = json.loads((tmp_path / "power" / "power.json").read_text())
+    assert [w["name"] for w in doc["windows"]] == ["interval 1", "interval 2", "interval 3"]
+    assert doc["fit"]["items"] == 8 * BATCH
+    assert (tmp_path / "power" / "power_timeline.png").exists()
+
+
+def test_callback_without_nvml_warns_once_and_training_finishes(monkeypatch, caplog):
+    import pynvml
+    from ditperf.profiling.callback import PowerCallback
+
+    try:
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        pytest.skip("NVML works here (GPU machine)")
+    except pynvml.NVMLError_LibraryNotFound:
+        pass
+    monkeypatch.delenv(REPLAY_ENV, raising=False)
+    cb = PowerCallback(log_interval=1)
+    with caplog.at_level(logging.WARNING, logger="ditperf.profiling"):
+        trainer = _fit(cb, batches=3, step_s=0.0)
+    assert int(trainer.state.timestamp.batch) == 3
+    assert cb.disabled and "NVML library" in cb.disabled_reason
+    ours = [r for r in caplog.records if r.name.startswith("ditperf.profiling")]
+    assert len(ours) == 1 and "PowerCallback disabled" in ours[0].getMessage()
+
+
+def test_callback_argument_checks():
+    from ditperf.profiling.callback import PowerCallback
+
+    with pytest.raises(ValueError, match="log_interval"):
+        PowerCallback(log_interval=0)
+    with pytest.raises(ValueError, match="interval_s"):
+        PowerCallback(interval_s=-1)
+
+
+def test_profiling_imports_without_composer():
+    code = (
+        "import sys; sys.modules['composer'] = None\n"
+        "from ditperf.profiling import PowerMonitor, power_window, write_report\n"
+        "import ditperf.profiling.cli\n"
+        "try:\n"
+        "    from ditperf.profiling import PowerCallback\n"
+        "except ImportError as e:\n"
+        "    print('IMPORT-ERROR', e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "IMPORT-ERROR PowerCallback needs Composer" in proc.stdout

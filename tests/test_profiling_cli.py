@@ -1,0 +1,113 @@
+"""`ditperf profile ...` on CPU: power under the replay test hook, the real no-GPU path,
+bad input. The replay hook: DITPERF_POWER_REPLAY names a trace file that replaces NVML."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from ditperf.cli.main import main
+from ditperf.profiling.readers import REPLAY_ENV, synthetic_trace, write_replay
+
+
+@pytest.fixture
+def replay(tmp_path, monkeypatch):
+    # idle for the first 0.15 s (the CLI's idle measurement), then busy for good
+    info, samples = synthetic_trace(lambda t: 70.0 if t < 0.15 else 480.0, 60.0, update_period_s=0.01)
+    path = write_replay(tmp_path / "replay.json", [(info, samples)])
+    monkeypatch.setenv(REPLAY_ENV, str(path))
+    monkeypatch.setenv("DITPERF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("DITPERF_POWER_CALIBRATION", raising=False)
+    return path
+
+
+def test_power_runs_command_writes_report_and_keeps_exit_code(replay, tmp_path, capsys):
+    child = textwrap.dedent("""
+        import time
+        from ditperf.profiling import power_window
+        time.sleep(0.1)
+        with power_window("steps", items=64):
+            time.sleep(0.3)
+        raise SystemExit(3)
+    """)
+    out = tmp_path / "report"
+    rc = main(["profile", "power", "--idle-seconds", "0.1", "--interval", "0.01", "--out", str(out), "--",
+               sys.executable, "-c", child])
+    assert rc == 3
+    doc = json.loads((out / "power.json").read_text())
+    assert doc["command"][0] == sys.executable and doc["exit_code"] == 3
+    assert doc["reader"] == "replay:replay.json" and doc["idle_source"] == "measured"
+    assert doc["devices"][0]["idle_power_w"] == 70.0
+    windows = {w["name"]: w for w in doc["windows"]}
+    assert set(windows) == {"command", "steps"}
+    steps = windows["steps"]
+    assert steps["items"] == 64 and steps["depth"] == 1
+    assert steps["duration_s"] == pytest.approx(0.3, abs=0.25)
+    d = steps["devices"]["0"]
+    assert d["j_per_item"] == pytest.approx(d["energy_j"] / 64)
+    assert d["mean_power_w"] == pytest.approx(480.0, rel=0.1)
+    assert windows["command"]["duration_s"] >= steps["duration_s"]
+    assert (out / "power_samples.csv").stat().st_size > 0
+    assert (out / "power_timeline.png").read_bytes()[:4] == b"\x89PNG"
+    captured = capsys.readouterr()
+    assert "steps" in captured.out and "command exited with 3" in captured.err
+
+
+def test_power_command_not_found_exits_127(replay, capsys):
+    rc = main(["profile", "power", "--", "no-such-command-xyz", "--flag"])
+    err = capsys.readouterr().err
+    assert rc == 127
+    assert err.strip() == "ditperf profile: error: command not found: no-such-command-xyz"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["profile", "power"], "no command given"),
+    (["profile", "power", "--devices", "a,b", "--", "true"], "--devices must be"),
+    (["profile", "power", "--devices", "4", "--", "true"], "device index 4 does not exist"),
+    (["profile", "power", "--interval", "0", "--", "true"], "--interval must be"),
+])
+def test_power_bad_input_one_line(replay, capsys, argv, match):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and len(err.strip().splitlines()) == 1
+
+
+def test_power_without_nvml_for_real(tmp_path):
+    """No NVIDIA driver on this machine: one clear line, non-zero exit, no traceback."""
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        pytest.skip("NVML works here (GPU machine)")
+    except pynvml.NVMLError_LibraryNotFound:
+        pass
+    env = {k: v for k, v in os.environ.items() if k != REPLAY_ENV}
+    proc = subprocess.run([sys.executable, "-m", "ditperf.cli", "profile", "power", "--out", str(tmp_path / "o"),
+                           "--", sys.executable, "-c", "pass"], capture_output=True, text=True, env=env, check=False,
+                          timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "NVML library" in lines[0] and "needs an NVIDIA GPU" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("sub", ["calibrate", "kernels"])
+def test_gpu_subcommands_say_they_need_a_gpu(sub, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("GPU machine")
+    rc = main(["profile", sub])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
+
+
+def test_profile_without_subcommand_prints_help(capsys):
+    assert main(["profile"]) == 2
+    assert "ditperf profile power" in capsys.readouterr().out
