@@ -161,10 +161,8 @@ def translation_table(opset: int, attention: str = "auto") -> dict[Callable, Cal
             out = zero_fully_masked(out, key_mask, dt)
         return out, lse
 
-    ops = torch.ops.ditperf
-    return {
-        ops.layer_norm.default: layer_norm,
-        ops.gated_residual_layer_norm.default: gated_residual_layer_norm,
-        ops.rms_norm.default: rms_norm,
-        ops.attention.default: attention,
-    }
+    fns = {"layer_norm": layer_norm, "gated_residual_layer_norm": gated_residual_layer_norm,
+           "rms_norm": rms_norm, "attention": attention}
+    ns = torch.ops.ditperf
+    # only the ops this build registers (a model that calls a missing op fails on its own)
+    return {getattr(ns, name).default: fn for name, fn in fns.items() if hasattr(ns, name)}

@@ -139,7 +139,7 @@ def test_static_checks():
 
 
 def test_opset_range_versions_and_decomposed_layernorm():
-    from tests.test_export_surgery import decomposed_ln_model
+    from test_export_surgery import decomposed_ln_model
 
     m = decomposed_ln_model(opset=18)
     r = cov.analyze(m)

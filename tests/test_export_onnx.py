@@ -1,0 +1,319 @@
+"""ONNX export of the DiT (both backends, opset 17 and 23), translations of the custom ops,
+opset lowering, the CLI and its bad-input paths, and the TensorRT engine (GPU + TensorRT)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto as T
+from onnx import helper, numpy_helper
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from ditperf.cli.main import main  # noqa: E402
+from ditperf.export.coverage import analyze, count_decomposed_layernorms  # noqa: E402
+from ditperf.export.onnx_export import ExportSpec, export_onnx  # noqa: E402
+from ditperf.export.onnx_io import OnnxInputError, load_model, ort_session  # noqa: E402
+from ditperf.export.opset import lower_18_to_17  # noqa: E402
+
+# (backend, opset) -> extra spec: each export also exercises one more mechanism
+CASES = {
+    ("torch", 17): {},
+    ("triton", 17): {"batch": "dynamic"},
+    ("torch", 23): {"external_data": True},
+    ("triton", 23): {},
+}
+_CACHE: dict = {}
+
+
+@pytest.fixture(scope="module")
+def outdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("export")
+
+
+def exported(outdir: Path, backend: str, opset: int):
+    key = (backend, opset)
+    if key not in _CACHE:
+        spec = ExportSpec(preset="tiny", out=str(outdir / f"tiny_{backend}_{opset}.onnx"),
+                          backend=backend, opset=opset, **CASES[key])
+        _CACHE[key] = export_onnx(spec, log=lambda _msg: None)
+    return _CACHE[key]
+
+
+@pytest.mark.parametrize("backend,opset", list(CASES))
+def test_export_tiny(outdir, backend, opset):
+    res = exported(outdir, backend, opset)
+    model = load_model(res.path)
+    onnx.checker.check_model(model, full_check=True)
+    assert res.opset == opset and res.opset_requested == opset
+    if opset == 17:  # the dynamo exporter's 18, lowered exactly
+        assert any("lowered exactly to 17" in n for n in res.notes)
+    ops = Counter(n.op_type for n in model.graph.node)
+    # adaLN norms are single LayerNormalization nodes, never the ReduceMean/Pow chain
+    assert ops["LayerNormalization"] >= 5
+    assert count_decomposed_layernorms(model.graph) == 0
+    assert "ReduceLogSumExp" not in ops  # the attention op's lse output is dead code
+    if backend == "triton":
+        if opset == 23:
+            assert ops["Attention"] == 4 and ops["RMSNormalization"] == 8
+            assert "Softmax" not in ops
+        else:
+            assert ops["Softmax"] == 4 and "Attention" not in ops
+    # numerics: onnxruntime CPU vs the PyTorch model with the same weights, fp32 tolerance
+    assert res.check is not None and res.check["ok"], res.check
+    assert res.check["max_rel"] < 1e-4 and res.check["ref_max"] > 1e-3  # output not ~0
+    if CASES[(backend, opset)].get("batch") == "dynamic":
+        dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
+        assert dim0.dim_param and not dim0.HasField("dim_value")
+        assert res.check["batch"] == 3  # checked at a batch other than the traced one
+    if CASES[(backend, opset)].get("external_data"):
+        assert res.data_path and Path(res.data_path).is_file()
+        # the big weights live outside the .onnx (the exporter keeps small tensors inline)
+        assert Path(res.data_path).stat().st_size > 0.6 * res.bytes
+
+
+def test_check_command_rebuilds_from_metadata(outdir, capsys):
+    res = exported(outdir, "torch", 23)
+    meta = {p.key: p.value for p in load_model(res.path, load_external_data=False).metadata_props}
+    assert meta["ditperf.preset"] == "tiny" and meta["ditperf.backend"] == "torch"
+    assert main(["export", "check", res.path]) == 0
+    out = capsys.readouterr().out
+    assert "max abs" in out and "OK" in out
+    assert main(["export", "check", res.path, "--batch", "2"]) == 2  # static batch 1
+    assert "static batch of 1" in capsys.readouterr().err
+
+
+def test_surgery_folds_torch_sdpa_into_attention(outdir):
+    from ditperf.export.surgery import SurgeryOptions, run_passes, verify_numerics
+
+    res = exported(outdir, "torch", 17)
+    model = load_model(res.path)
+    new, reports = run_passes(model, ["fold-constants", "fold-attention", "cleanup"],
+                              SurgeryOptions(opset=23))
+    fold = next(r for r in reports if r.name == "fold-attention")
+    assert fold.changes["attentions_folded"] == 4  # 2 blocks x (self + cross)
+    ops = Counter(n.op_type for n in new.graph.node)
+    assert ops["Attention"] == 4 and "Softmax" not in ops
+    err = verify_numerics(model, new, seed=4)
+    assert err["max_rel"] < 1e-5, err
+
+
+def test_coverage_of_exported_model(outdir):
+    model = load_model(exported(outdir, "triton", 23).path, load_external_data=False)
+    r = analyze(model, trt_version="10.15")
+    assert r["summary"]["fully_supported"], [o for o in r["operators"] if o["supported"] != "Y"]
+    r = analyze(model, trt_version="10.1")
+    assert not r["summary"]["fully_supported"]
+    att = next(o for o in r["operators"] if o["op_type"] == "Attention")
+    assert att["supported"] == "N" and "10.14" in att["reasons"][0]
+
+
+# ---------------------------------------------------------------------------------------
+# The translations on a small module: every op, optional arguments, fully masked rows, lse
+
+
+class _OpsBlock(torch.nn.Module):
+    def __init__(self, C: int = 32, H: int = 2) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(C))
+        self.b = torch.nn.Parameter(torch.randn(C))
+        self.qn = torch.nn.Parameter(torch.randn(C // H))
+        self.H = H
+
+    def forward(self, x, y, shift, scale, gate, mask, K):
+        B, N, C = x.shape
+        h = K.layer_norm(x, self.w, self.b, shift=shift, scale=scale)
+        q = K.rms_norm(h.view(B, N, self.H, C // self.H).transpose(1, 2), self.qn)
+        x2, h2 = K.gated_residual_layer_norm(x, y, gate, shift=shift, scale=scale)
+        x3, h3 = K.gated_residual_layer_norm(x2, y, None)
+        kv = h2.view(B, N, self.H, C // self.H).transpose(1, 2)
+        out, lse = K.attention_with_lse(q, kv, kv, mask)
+        r = K.rms_norm(x3 + h3, None, shift=shift, scale=scale)
+        return out.transpose(1, 2).reshape(B, N, C) + r, lse
+
+
+class _Kernels:
+    """Calls the custom ops directly (attention returns (out, lse))."""
+
+    def __init__(self) -> None:
+        import ditperf.kernels as K
+
+        self.layer_norm, self.rms_norm = K.layer_norm, K.rms_norm
+        self.gated_residual_layer_norm = K.gated_residual_layer_norm
+
+    @staticmethod
+    def attention_with_lse(q, k, v, mask):
+        return torch.ops.ditperf.attention(q, k, v, mask, q.shape[-1] ** -0.5)
+
+
+class _Reference:
+    """The kernels' torch references, and lse = logsumexp of the masked scores."""
+
+    def __init__(self) -> None:
+        import ditperf.kernels as K
+
+        self.layer_norm, self.rms_norm = K.layer_norm_ref, K.rms_norm_ref
+        self.gated_residual_layer_norm = K.gated_residual_layer_norm_ref
+        self._att = K.attention_ref
+
+    def attention_with_lse(self, q, k, v, mask):
+        s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+        return self._att(q, k, v, key_mask=mask), torch.logsumexp(s, dim=-1)
+
+
+class _Bound(torch.nn.Module):
+    def __init__(self, block, K) -> None:
+        super().__init__()
+        self.block, self.K = block, K
+
+    def forward(self, *args):
+        return self.block(*args, self.K)
+
+
+@pytest.mark.parametrize("opset", [18, 23])
+def test_translations_match_references(opset):
+    from ditperf.export.translations import translation_table
+
+    B, N, C = 2, 5, 32
+    block = _OpsBlock(C)
+    mask = torch.tensor([[True, True, False, True, False], [False] * N])  # sample 1: no key
+    args = (torch.randn(B, N, C), torch.randn(B, N, C), torch.randn(B, C), torch.randn(B, C),
+            torch.randn(B, C), mask)
+    with torch.no_grad():
+        ref_out, ref_lse = _Bound(block, _Reference())(*args)
+    prog = torch.onnx.export(_Bound(block, _Kernels()), args, dynamo=True, opset_version=opset,
+                             custom_translation_table=translation_table(opset), verbose=False)
+    ops = Counter(n.op_type for n in prog.model_proto.graph.node)
+    assert ops["LayerNormalization"] == 3 and ops["ReduceLogSumExp"] == 1  # lse is used here
+    assert (ops["Attention"], ops["RMSNormalization"]) == ((1, 2) if opset == 23 else (0, 0))
+    sess = ort_session(prog.model_proto)
+    feeds = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)}
+    out, lse = sess.run(None, feeds)
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out, ref_out.numpy(), atol=2e-5, rtol=1e-5)
+    # a row with no real key: output 0 (kernel semantics), lse -inf (or NaN from ORT's max
+    # trick on an all -inf row; the kernel gives -inf)
+    np.testing.assert_allclose(out[1] - ref_out.numpy()[1], 0, atol=2e-5)
+    np.testing.assert_allclose(lse[0], ref_lse[0].numpy(), atol=1e-5)
+    assert np.all(np.isneginf(lse[1]) | np.isnan(lse[1]))
+
+
+# ---------------------------------------------------------------------------------------
+# opset 18 -> 17
+
+
+def test_lower_18_to_17_exact():
+    x = helper.make_tensor_value_info("x", T.FLOAT, [2, 7, 6])
+    outs = [helper.make_tensor_value_info(n, T.FLOAT, shape) for n, shape in
+            (("m", [2, 7, 1]), ("a", [2, 3, 6]), ("b", [2, 3, 6]), ("c", [2, 1, 6]))]
+    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=1),
+             helper.make_node("Split", ["x"], ["a", "b", "c"], axis=1, num_outputs=3)]  # 3,3,1
+    inits = [numpy_helper.from_array(np.array([-1], np.int64), "axes")]
+    m18 = helper.make_model(helper.make_graph(nodes, "g", [x], outs, initializer=inits),
+                            opset_imports=[helper.make_opsetid("", 18)])
+    m17 = lower_18_to_17(m18)
+    onnx.checker.check_model(m17)
+    assert m17.opset_import[0].version == 17 and not m17.graph.initializer[0].name == "axes"
+    feed = {"x": np.random.default_rng(0).standard_normal((2, 7, 6)).astype(np.float32)}
+    for a, b in zip(ort_session(m18).run(None, feed), ort_session(m17).run(None, feed)):
+        np.testing.assert_array_equal(a, b)
+    gn = helper.make_model(helper.make_graph(
+        [helper.make_node("GroupNormalization", ["x", "s", "s"], ["m"], num_groups=1)], "g",
+        [x], [outs[0]]), opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(OnnxInputError, match="GroupNormalization.*use --opset 18"):
+        lower_18_to_17(gn)
+
+
+# ---------------------------------------------------------------------------------------
+# CLI: help, bad input (one line, non-zero), exit codes
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    junk = tmp_path / "junk.onnx"
+    junk.write_text("not a model\n" * 10)
+    assert main(["export", "coverage", str(junk)]) == 2
+    err = capsys.readouterr().err
+    assert "not an ONNX file" in err and err.count("\n") == 1
+    assert main(["export", "onnx", "--preset", "no-such-preset", "--out",
+                 str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "no-such-preset" in err[-1] and len(err[-1]) < 400
+    rc = main(["export", "engine", str(junk), "--out", str(tmp_path / "x.plan")])
+    err = capsys.readouterr().err
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert rc == 3 and "pip install 'ditperf[trt]'" in err and err.count("\n") == 1
+    plain = tmp_path / "plain.onnx"
+    onnx.save(helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", T.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", T.FLOAT, [2])]),
+        opset_imports=[helper.make_opsetid("", 18)]), str(plain))
+    assert main(["export", "check", str(plain)]) == 2
+    assert "no ditperf metadata" in capsys.readouterr().err
+    assert main(["export", "surgery", str(plain), str(tmp_path / "o.onnx"),
+                 "--plugin-op", "bad spec!"]) == 2
+    assert "expected OP" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "onnx", "--preset", "tiny", "--out", "x.onnx", "--batch", "0"])
+
+
+def test_cli_coverage_exit_codes_and_json(tmp_path, capsys):
+    import json
+
+    x = helper.make_tensor_value_info("x", T.FLOAT, [2, 2])
+    y = helper.make_tensor_value_info("y", T.FLOAT, None)
+    for name, op, rc_want in (("ok", "Relu", 0), ("bad", "Det", 1)):
+        p = tmp_path / f"{name}.onnx"
+        onnx.save(helper.make_model(helper.make_graph([helper.make_node(op, ["x"], ["y"])],
+                                                      "g", [x], [y]),
+                                    opset_imports=[helper.make_opsetid("", 18)]), str(p))
+        js = tmp_path / f"{name}.json"
+        assert main(["export", "coverage", str(p), "--trt-version", "10.1", "--json",
+                     str(js)]) == rc_want
+        report = json.loads(js.read_text())
+        assert report["schema"] == "ditperf.coverage/1"
+        assert report["summary"]["fully_supported"] == (rc_want == 0)
+    assert "Det" in capsys.readouterr().out
+
+
+def test_cli_surgery_roundtrip(tmp_path, capsys):
+    from test_export_surgery import decomposed_ln_model
+
+    src = tmp_path / "ln.onnx"
+    onnx.save(decomposed_ln_model(), str(src))
+    dst = tmp_path / "ln_opt.onnx"
+    assert main(["export", "surgery", str(src), str(dst), "--passes",
+                 "fold-layernorm,cleanup"]) == 0
+    out = capsys.readouterr().out
+    assert "layernorms_folded=1" in out and "onnx.checker: OK" in out
+    assert "onnxruntime check" in out
+    assert [n.op_type for n in onnx.load(str(dst)).graph.node] == ["LayerNormalization", "Relu"]
+
+
+# ---------------------------------------------------------------------------------------
+# TensorRT (GPU machines with the trt extra)
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+def test_engine_build_and_run(tmp_path):
+    pytest.importorskip("tensorrt")
+    from ditperf.export.engine import build_engine, time_against_torch
+
+    res = export_onnx(ExportSpec(preset="tiny", out=str(tmp_path / "tiny.onnx"), opset=18,
+                                 backend="triton", batch=2), log=lambda _m: None)
+    eng = build_engine(res.path, tmp_path / "tiny.plan", log=lambda _m: None)
+    assert Path(eng.plan).stat().st_size > 0
+    timings, err = time_against_torch(res.path, eng.plan, compile_torch=False,
+                                      log=lambda _m: None)
+    assert err < 1e-2, err  # TF32 allowed in TensorRT's fp32 kernels
+    assert set(timings) >= {"tensorrt"}
