@@ -40,7 +40,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the trai
     raise ImportError("PowerCallback needs Composer: pip install 'ditperf[train]'") from exc
 
 from ditperf.profiling.power import PowerMonitor
-from ditperf.profiling.readers import REPLAY_ENV, make_reader, nvml_index_for_cuda_device
+from ditperf.profiling.readers import REPLAY_ENV, nvml_index_for_cuda_device
 
 log = logging.getLogger("ditperf.profiling.callback")
 
@@ -130,7 +130,8 @@ class PowerCallback(Callback):
             from composer.utils import dist
 
             self._world = max(1, int(dist.get_world_size()))
-            self.monitor = PowerMonitor(reader=make_reader(self._devices()), interval_s=self.interval_s, idle_s=0.5)
+            # the monitor owns its reader (NVML, or the replay test hook) and closes it on stop
+            self.monitor = PowerMonitor(devices=self._devices(), interval_s=self.interval_s, idle_s=0.5)
             self.monitor.start()
             self._begin(state)
         except Exception as exc:  # noqa: BLE001 - never crash training (PowerUnavailable included)

@@ -179,11 +179,14 @@ def _run_power(args: argparse.Namespace, cmd: list[str]) -> int:
 
     from ditperf.profiling.marks import MARKS_ENV, read_marks
     from ditperf.profiling.power import PowerMonitor
-    from ditperf.profiling.readers import PowerUnavailable, make_reader
+    from ditperf.profiling.readers import PowerUnavailable
     from ditperf.profiling.report import print_summary, write_report
 
-    try:
-        reader = make_reader(_parse_devices(args.devices))
+    devices = _parse_devices(args.devices)
+    try:  # the monitor opens (and later closes) NVML, or the replay test hook
+        mon = PowerMonitor(devices=devices, interval_s=args.interval, idle_power_w=args.idle_power,
+                           idle_s=args.idle_seconds,
+                           calibration=str(args.calibration) if args.calibration else "auto")
     except PowerUnavailable as exc:
         raise _user_error(str(exc)) from None
     out = args.out or Path(f"ditperf-power-{_dt.datetime.now():%Y%m%d-%H%M%S}")
@@ -193,11 +196,8 @@ def _run_power(args: argparse.Namespace, cmd: list[str]) -> int:
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        reader.close()
+        mon.reader.close()
         raise _user_error(f"cannot write the report to {out}: {exc.strerror or exc}") from None
-    mon = PowerMonitor(reader=reader, interval_s=args.interval, idle_power_w=args.idle_power,
-                       idle_s=args.idle_seconds,
-                       calibration=str(args.calibration) if args.calibration else "auto")
     marks_fd, marks_path = tempfile.mkstemp(prefix="ditperf-power-marks-", suffix=".jsonl")
     os.close(marks_fd)
     env = {**os.environ, MARKS_ENV: marks_path}

@@ -42,6 +42,7 @@ read every device once right at the edge.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import math
@@ -71,6 +72,8 @@ STUCK_MIN_S = 1.0
 STUCK_PERIODS = 10
 WRAP_MODULI = (2.0**32, 2.0**64)
 MAX_LOGGED = 20
+#: Update periods are detected over at most this many recent samples (~1 min at 20 ms).
+PERIOD_SAMPLES = 3000
 MAX_WARNINGS = 500
 
 
@@ -231,6 +234,10 @@ class _Open:
     name: str
     t0: float
     depth: int
+
+
+def _t(r: Reading) -> float:
+    return r.t
 
 
 def _arr(rows: Sequence[Reading], name: str) -> np.ndarray:
@@ -458,24 +465,26 @@ class PowerMonitor:
         self.windows.append(summary)
         return summary
 
-    def trim_before(self, t: float) -> int:
-        """Drop samples older than ``t`` (long runs: bound memory); returns how many.
-        Windows opened before ``t`` would lose data, so ``t`` is capped at the oldest open
-        window's start."""
+    def trim_before(self, t: float, margin_s: float = 2.0) -> int:
+        """Drop samples older than ``t - margin_s`` (long runs: bound memory); returns how
+        many. ``t`` is capped at the oldest open window's start, and ``margin_s`` of history
+        is kept before it (the counter's last refresh before a window edge must remain)."""
         with self._lock:
-            cap = min([w.t0 for w in self._open.values()] + [t])
+            cap = min([w.t0 for w in self._open.values()] + [t]) - margin_s
             dropped = 0
             for idx, rows in self.samples.items():
-                first = next((i for i, r in enumerate(rows) if r.t >= cap), len(rows))
-                keep = rows[max(0, first - 1):]  # one sample before the cut, for interpolation
+                first = bisect.bisect_left(rows, cap, key=_t)
+                keep = rows[max(0, first - 1):]
                 dropped += len(rows) - len(keep)
                 self.samples[idx] = keep
             return dropped
 
     # --- statistics --------------------------------------------------------------------
 
-    def update_periods(self, index: int) -> dict[str, Any]:
-        rows = self.samples[index]
+    def update_periods(self, index: int, rows: Sequence[Reading] | None = None) -> dict[str, Any]:
+        """Update periods of the power and energy readings, from ``rows`` (default: the
+        last PERIOD_SAMPLES samples)."""
+        rows = self.samples[index][-PERIOD_SAMPLES:] if rows is None else rows
         t = _arr(rows, "t")
         out: dict[str, Any] = {}
         for key, fname in (("power", "power_w"), ("energy", "energy_mj")):
@@ -499,7 +508,15 @@ class PowerMonitor:
         per_dev: dict[str, dict[str, Any]] = {}
         warnings: list[str] = []
         for info in self.infos:
-            stats = self._device_stats(info, snap[info.index], t0, t1, items, warnings)
+            rows = snap[info.index]
+            # update periods from the samples up to the window's end; statistics from the
+            # samples around the window only (cost independent of the run's length)
+            i_end = bisect.bisect_right(rows, t1, key=_t)
+            periods = self.update_periods(info.index, rows[max(0, i_end - PERIOD_SAMPLES):i_end + 1])
+            pad = 1.0 + 3.0 * (periods["energy_update_period_s"] or 0.0)
+            i0 = bisect.bisect_left(rows, t0 - pad, key=_t)
+            i1 = bisect.bisect_right(rows, t1 + pad, key=_t)
+            stats = self._device_stats(info, rows[max(0, i0 - 1):i1 + 1], periods, t0, t1, items, warnings)
             per_dev[str(info.index)] = stats
         energy = [d["energy_j"] for d in per_dev.values() if d.get("energy_j") is not None]
         total_e = float(sum(energy)) if len(energy) == len(per_dev) else None
@@ -516,8 +533,8 @@ class PowerMonitor:
                 "duration_s": duration, "items": items, "depth": depth, "devices": per_dev, "total": total,
                 "warnings": warnings}
 
-    def _device_stats(self, info: DeviceInfo, rows: list[Reading], t0: float, t1: float, items: float | None,
-                      warnings: list[str]) -> dict[str, Any]:
+    def _device_stats(self, info: DeviceInfo, rows: list[Reading], periods: dict[str, Any], t0: float, t1: float,
+                      items: float | None, warnings: list[str]) -> dict[str, Any]:
         idx = info.index
         label = f"window [{t0 - (self.t_start or t0):.3f}, {t1 - (self.t_start or t0):.3f}] s, GPU {idx}"
         duration = t1 - t0
@@ -533,7 +550,6 @@ class PowerMonitor:
         n_in = int(inside.sum())
         p_in = p[inside & okp]
         e_samples_j = integrate(tp, pp, t0, t1)
-        periods = self.update_periods(idx)
         e_period = periods["energy_update_period_s"]
 
         # counter energy

@@ -515,3 +515,45 @@ def test_random_power_trace_energy_matches_truth():
     assert d["energy_source"] == "counter"
     assert d["energy_j"] == pytest.approx(truth, abs=2 * (DT + 1e-3) * 700 + 1e-6)
     assert math.isfinite(d["energy_j_samples"])
+
+
+def test_trim_keeps_open_windows_and_same_statistics():
+    info, s = synthetic_trace(lambda t: 100.0 + 300.0 * ((t * 3) % 1), 8.0, update_period_s=0.05)
+    results = []
+    for trim in (False, True):
+        mon, clock = make_monitor([(info, s)], idle_power_w=60.0)
+        run_until(mon, clock, 2.0)
+        mon.begin_window("w")
+        run_until(mon, clock, 5.0)
+        if trim:
+            n_before = len(mon.samples[0])
+            dropped = mon.trim_before(clock.t, margin_s=1.0)  # capped at the open window's start
+            assert 0 < dropped < n_before and mon.samples[0][1].t >= mon._open["w"].t0 - 1.0
+        run_until(mon, clock, 7.0)
+        results.append(mon.end_window("w")["devices"]["0"])
+    keys = ("energy_j", "energy_j_samples", "mean_power_w", "p50_power_w", "samples")
+    assert {k: results[1][k] for k in keys} == pytest.approx({k: results[0][k] for k in keys})
+
+
+def test_marks_pairing(tmp_path, monkeypatch):
+    from ditperf.profiling.marks import MARKS_ENV, mark, power_window, read_marks
+
+    monkeypatch.delenv(MARKS_ENV, raising=False)
+    with power_window("ignored"):  # not under the profiler: a no-op
+        pass
+    path = tmp_path / "marks.jsonl"
+    monkeypatch.setenv(MARKS_ENV, str(path))
+    with power_window("a", items=3), power_window("b"):
+        pass
+    mark("c", "begin")
+    mark("d", "end")
+    with open(path, "a") as f:
+        f.write("garbage\n")
+    spans, warnings = read_marks(path)
+    assert [(n, items) for n, _, _, items in spans] == [("a", 3), ("b", None)]
+    assert all(t1 >= t0 for _, t0, t1, _ in spans)
+    assert any("'c' began but never ended" in w for w in warnings)
+    assert any("'d' ended without a begin" in w for w in warnings)
+    assert any("unreadable" in w for w in warnings)
+    with pytest.raises(ValueError, match="event"):
+        mark("x", "start")
