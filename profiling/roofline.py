@@ -68,16 +68,19 @@ def roofline_point(ms: float, flops: float, nbytes: float, matmul_tflops: float,
             "attainable_tflops": attainable, "pct_roof": 100.0 * tflops / attainable if attainable > 0 else None}
 
 
-def _cases(quick: bool) -> list[tuple[str, str, float, float, dict[str, Callable[[], Any]]]]:
-    """(kernel, shape, flops, bytes, {provider: fn}) on CUDA, bf16. Kernels are imported
-    here: ditperf.kernels is being written alongside."""
+def _cases(quick: bool, device: str = "cuda", tiny: bool = False
+           ) -> list[tuple[str, str, float, float, dict[str, Callable[[], Any]]]]:
+    """(kernel, shape, flops, bytes, {provider: fn}), bf16 (fp32 when ``tiny``: the CPU
+    check of this plumbing under the Triton interpreter). Kernels are imported here."""
     import torch
     import torch.nn.functional as F
     from ditperf import kernels as K
 
-    dev, dt = "cuda", torch.bfloat16
+    dev, dt = device, (torch.float32 if tiny else torch.bfloat16)
     out: list[tuple[str, str, float, float, dict[str, Callable[[], Any]]]] = []
     norm_shapes = [(8, 4096, 1152)] if quick else [(2, 1024, 1152), (8, 4096, 1152), (4, 4096, 3072)]
+    if tiny:
+        norm_shapes = [(2, 16, 64)]
     for b, n, c in norm_shapes:
         x = torch.randn(b, n, c, device=dev, dtype=dt)
         y = torch.randn(b, n, c, device=dev, dtype=dt)
@@ -101,6 +104,8 @@ def _cases(quick: bool) -> list[tuple[str, str, float, float, dict[str, Callable
                 K.gated_residual_layer_norm(x, y, gate, shift=shift, scale=scale)}))
     attn_shapes = [(2, 16, 4096, 64)] if quick else [(8, 16, 1024, 64), (2, 16, 4096, 64), (1, 16, 4096, 128),
                                                       (2, 16, 4096, 72)]
+    if tiny:
+        attn_shapes = [(1, 2, 64, 32)]
     for b, h, n, d in attn_shapes:
         q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=dt) for _ in range(3))
         out.append(("attention", f"B{b} H{h} N{n} D{d}", 4.0 * b * h * n * n * d, 2.0 * 4 * b * h * n * d, {

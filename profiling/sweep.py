@@ -142,7 +142,14 @@ def run_calibration(*, seconds: float = 60.0, device: int = 0, interval_s: float
                           software={**versions(), "power_field": info.power_field, "roofs": str(roofs.to_dict())})
     paths: list[Path] = []
     if save:
-        paths.append(save_calibration(cal))
+        try:
+            paths.append(save_calibration(cal))
+        except OSError as exc:  # e.g. a read-only home: --out still gets written
+            if out is None:
+                raise PowerUnavailable(f"cannot write the calibration to {default_calibration_path()}: "
+                                       f"{exc.strerror or exc} (set DITPERF_CACHE_DIR or pass --out)") from None
+            print(f"warning: cannot write the user cache {default_calibration_path()}: {exc.strerror or exc}")
+            save = False
     if out is not None:
         out = Path(out)
         if not (save and out.resolve() == default_calibration_path().resolve()):

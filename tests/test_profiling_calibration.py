@@ -140,3 +140,17 @@ def test_roofline_plot(tmp_path):
                  "error": "NotImplementedError"})
     p = plot_roofline({"roofs": roofs, "rows": rows, "versions": {"gpu": "fake"}}, tmp_path / "r.png")
     assert p.read_bytes()[:4] == b"\x89PNG" and p.stat().st_size > 10_000
+
+
+def test_kernel_cases_run_and_match_baselines_on_cpu():
+    """The roofline's kernel/baseline calls (signatures, outputs) on tiny fp32 shapes under
+    the Triton interpreter; timing and roofs need the GPU."""
+    from ditperf.profiling.roofline import _cases, _max_err
+
+    cases = _cases(quick=True, device="cpu", tiny=True)
+    assert {c[0] for c in cases} == {"layer_norm", "gated_residual_layer_norm", "attention"}
+    for kernel, shape, flops, nbytes, providers in cases:
+        assert flops > 0 and nbytes > 0
+        outs = {name: fn() for name, fn in providers.items()}
+        (base,) = [v for k, v in outs.items() if k != "ditperf"]
+        assert _max_err(outs["ditperf"], base) < 1e-4, (kernel, shape)
