@@ -335,6 +335,7 @@ def run(smoke: bool, quick: bool, *, compile: bool | None = None, train_only: bo
     backends disagree). ``compile``: include compile providers (default: not in quick)."""
     setup_interpreter_if_needed(smoke)
     if smoke:
+        torch.set_num_threads(1)  # tiny tensors; avoids OpenMP spin-waits on shared cores
         dev = torch.device("cpu")
         provs = [p for p in (providers or ["eager", "triton"]) if not p.endswith("compile")]
         tiny = {"depth": 1}  # the interpreter costs ~1 s per attention fwd+bwd
