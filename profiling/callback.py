@@ -14,7 +14,10 @@ process monitors (its own CUDA device; all replayed devices under the test hook)
   the same net of the idle power measured at fit start;
 * ``power/energy_j``, ``power/energy_per_img_j`` (this rank's samples:
   Composer's global sample count / world size), ``power/total_energy_j``;
-* ``power/throttle_share``; ``power/estimated_mfu`` when this GPU has a calibration.
+* ``power/throttle_share``; ``power/estimated_mfu`` when this GPU has a calibration, and
+  next to it ``power/flops_mfu`` when the model defines ``flops_per_batch(batch)`` (the
+  same hook Composer's SpeedMonitor uses; this rank's FLOPs over the calibration's
+  measured matmul roof): power-estimated and analytic MFU side by side.
 
 At fit end: the same over the whole fit under ``power/fit/...``, and, with ``out_dir``,
 the monitor's report files (JSON, CSV, PNG; intervals are its windows).
@@ -36,6 +39,7 @@ from typing import Any
 try:
     from composer.core import Callback, State
     from composer.loggers import Logger
+    from composer.models import ComposerModel
 except ImportError as exc:  # pragma: no cover - exercised only without the train extra
     raise ImportError("PowerCallback needs Composer: pip install 'ditperf[train]'") from exc
 
@@ -75,6 +79,8 @@ class PowerCallback(Callback):
         self._interval_no = 0
         self._window: str | None = None
         self._samples_at_begin = 0
+        self._flops = 0.0
+        self._flops_known = True
         self._world = 1
 
     # --- helpers -----------------------------------------------------------------------
@@ -106,20 +112,38 @@ class PowerCallback(Callback):
         self._interval_no += 1
         self._window = f"interval {self._interval_no}"
         self._samples_at_begin = int(state.timestamp.sample.value)
+        self._flops, self._flops_known = 0.0, True
         self.monitor.begin_window(self._window)
 
     def _end(self, state: State) -> dict[str, Any] | None:
         assert self.monitor is not None and self._window is not None
         items = (int(state.timestamp.sample.value) - self._samples_at_begin) / self._world
-        s = self.monitor.end_window(self._window, items=items if items > 0 else None)
+        flops = self._flops if self._flops_known and self._flops > 0 else None
+        s = self.monitor.end_window(self._window, items=items if items > 0 else None, flops=flops)
         self._window = None
         row = _aggregate(s)
-        row.update(batch=int(state.timestamp.batch.value), items=items)
+        row.update(batch=int(state.timestamp.batch.value), items=items, flops_mfu=s["total"].get("flops_mfu"))
         self.history.append(row)
         if sum(len(v) for v in self.monitor.samples.values()) > MAX_SAMPLES * len(self.monitor.infos):
             self.monitor.trim_before(self.monitor.reader.now() - 60.0)
             self.monitor._warn("long run: samples older than the last minute were dropped from the timeline")
         return row
+
+    def _count_flops(self, state: State) -> None:
+        """Add this batch's analytic FLOPs (model.flops_per_batch, as SpeedMonitor)."""
+        if not self._flops_known:
+            return
+        model = state.model
+        if not isinstance(model, ComposerModel):
+            model = model.module  # through DDP wrapping, as SpeedMonitor does
+        fn = getattr(model, "flops_per_batch", None)
+        if not callable(fn):
+            self._flops_known = False
+            return
+        try:
+            self._flops += float(fn(state.batch))
+        except Exception:  # noqa: BLE001 - a failing FLOP count only drops flops_mfu
+            self._flops_known = False
 
     # --- events ------------------------------------------------------------------------
 
@@ -141,6 +165,7 @@ class PowerCallback(Callback):
         if not self.active:
             return
         self._batches += 1
+        self._count_flops(state)
         if self._batches % self.log_interval:
             return
         try:
@@ -203,6 +228,7 @@ def _metrics(row: dict[str, Any], history: list[dict[str, Any]], prefix: str) ->
         "energy_per_img_j": row["energy_j"] / row["items"] if row["energy_j"] is not None and row["items"] else None,
         "total_energy_j": sum(h["energy_j"] or 0.0 for h in history),
         "throttle_share": row["throttle_share"], "estimated_mfu": row["estimated_mfu"],
+        "flops_mfu": row.get("flops_mfu"),
     }
     return {f"{prefix}/{k}": float(v) for k, v in out.items() if v is not None}
 
@@ -222,7 +248,7 @@ def _fit_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     return {"seconds": secs, "energy_j": energy, "items": items, "energy_per_img_j": energy / items if items else None,
             "mean_w": energy / secs if secs > 0 else None, "proxy_util": tw("proxy_util"),
             "proxy_util_net_idle": tw("proxy_util_net_idle"), "throttle_share": tw("throttle_share"),
-            "estimated_mfu": tw("estimated_mfu")}
+            "estimated_mfu": tw("estimated_mfu"), "flops_mfu": tw("flops_mfu")}
 
 
 __all__ = ["PowerCallback"]

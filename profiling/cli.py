@@ -30,11 +30,12 @@ also gets an estimated MFU."""
 
 POWER_HELP = """\
 Run CMD under a background NVML sampler and report, for the whole command and for any
-spans the command marks with `ditperf.profiling.power_window(name, items=...)`:
+spans the command marks with `ditperf.profiling.power_window(name, items=..., flops=...)`:
 energy (J, from the driver's energy counter), mean / p50 / peak power, power-proxy
 utilization (mean power / enforced limit, and net of idle power), J/item, the counters'
 real update period, clock-throttle share, and an estimated MFU when this GPU has a
-calibration (`ditperf profile calibrate`).
+calibration (`ditperf profile calibrate`), next to the MFU from the span's analytic FLOPs
+when the command passes them.
 
 Writes <out>/power.json (schema: ditperf.profiling.report), power_samples.csv and
 power_timeline.png, prints a summary, and exits with CMD's exit code.
@@ -220,8 +221,11 @@ def _run_power(args: argparse.Namespace, cmd: list[str]) -> int:
                 interrupted = True
         mon.end_window("command")
         spans, mark_warnings = read_marks(marks_path)
-        for name, t0, t1, items in spans:
-            mon.add_window(name, t0, t1, items=items, depth=1)
+        for name, t0, t1, items, flops in spans:
+            try:
+                mon.add_window(name, t0, t1, items=items, flops=flops, depth=1)
+            except ValueError as exc:  # a bad mark from the child: say so, keep the rest
+                mon.warnings.append(f"window mark {name!r} ignored: {exc}")
         for w in mark_warnings:
             mon.warnings.append(w)
     finally:

@@ -33,7 +33,9 @@ Definitions (per window and device; windows may nest or overlap):
   (power cap, thermal, HW slowdown, power brake, board limit, reliability); per-reason
   shares in ``clock_reasons_share``.
 * ``j_per_item`` = energy_j / items; ``estimated_mfu`` from a power->MFU calibration of
-  this GPU (see :mod:`ditperf.profiling.calibration`).
+  this GPU (see :mod:`ditperf.profiling.calibration`). When the caller gives the window's
+  analytic FLOP count, ``total`` also has ``achieved_tflops`` and ``flops_mfu`` (against the
+  same measured roof as the calibration): the two MFUs side by side.
 
 Window edges call ``torch.cuda.synchronize()`` (current device) when torch is imported and
 CUDA is initialized, so queued kernels are charged to the window that launched them, and
@@ -236,6 +238,11 @@ class _Open:
     depth: int
 
 
+def _check_positive(name: str, v: float | None) -> None:
+    if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+        raise ValueError(f"{name} must be a positive number, got {v!r}")
+
+
 def _t(r: Reading) -> float:
     return r.t
 
@@ -434,34 +441,41 @@ class PowerMonitor:
         self.sample()
         self._open[name] = _Open(name, self.reader.now(), len(self._open))
 
-    def end_window(self, name: str, items: float | None = None, *, sync: bool | None = None) -> dict[str, Any]:
-        """Close a window and return its summary (also kept in :attr:`windows`)."""
+    def end_window(self, name: str, items: float | None = None, *, flops: float | None = None,
+                   sync: bool | None = None) -> dict[str, Any]:
+        """Close a window and return its summary (also kept in :attr:`windows`).
+
+        ``items``: work items done in the window (J/item). ``flops``: FLOPs the window
+        executed by analytic count; the summary then shows the resulting MFU next to the
+        power-estimated one (both relative to the calibration's measured roof)."""
         if name not in self._open:
             raise ValueError(f"window {name!r} is not open (open: {sorted(self._open) or 'none'})")
-        if items is not None and not (isinstance(items, (int, float)) and items > 0):
-            raise ValueError(f"items must be a positive number, got {items!r}")
+        _check_positive("items", items)
+        _check_positive("flops", flops)
         if self.sync_cuda if sync is None else sync:
             cuda_synchronize()
         self.sample()
         w = self._open.pop(name)
-        summary = self.summarize(name, w.t0, self.reader.now(), items=items, depth=w.depth)
+        summary = self.summarize(name, w.t0, self.reader.now(), items=items, flops=flops, depth=w.depth)
         self.windows.append(summary)
         return summary
 
     @contextlib.contextmanager
-    def window(self, name: str, items: float | None = None) -> Iterator[None]:
+    def window(self, name: str, items: float | None = None, flops: float | None = None) -> Iterator[None]:
         """``with mon.window("step", items=batch):`` = begin_window + end_window."""
         self.begin_window(name)
         try:
             yield
         finally:
-            self.end_window(name, items=items)
+            self.end_window(name, items=items, flops=flops)
 
-    def add_window(self, name: str, t0: float, t1: float, items: float | None = None, *, depth: int = 0
-                   ) -> dict[str, Any]:
+    def add_window(self, name: str, t0: float, t1: float, items: float | None = None, *,
+                   flops: float | None = None, depth: int = 0) -> dict[str, Any]:
         """Summarize a span given by its clock times (e.g. marks written by a profiled
         process) and keep it with the windows."""
-        summary = self.summarize(name, t0, t1, items=items, depth=depth)
+        _check_positive("items", items)
+        _check_positive("flops", flops)
+        summary = self.summarize(name, t0, t1, items=items, flops=flops, depth=depth)
         self.windows.append(summary)
         return summary
 
@@ -497,8 +511,8 @@ class PowerMonitor:
         out["sample_interval_s"] = float(np.median(sample_dt)) if sample_dt.size else None
         return out
 
-    def summarize(self, name: str, t0: float, t1: float, *, items: float | None = None, depth: int = 0
-                  ) -> dict[str, Any]:
+    def summarize(self, name: str, t0: float, t1: float, *, items: float | None = None,
+                  flops: float | None = None, depth: int = 0) -> dict[str, Any]:
         """Summary of [t0, t1] for every device, plus totals (see module docstring)."""
         if t1 < t0:
             raise ValueError(f"window {name!r} ends before it begins ({t0} > {t1})")
@@ -526,11 +540,19 @@ class PowerMonitor:
             "mean_power_w": total_e / duration if total_e is not None and duration > 0 else None,
             "j_per_item": total_e / items if total_e is not None and items else None,
             "estimated_mfu": float(np.mean(mfus)) if mfus and all(m is not None for m in mfus) else None,
+            "flops": flops,
+            "achieved_tflops": flops / duration / 1e12 if flops and duration > 0 else None,
+            "flops_mfu": None,
         }
+        roofs = [getattr(self.calibrations.get(i.index), "roof_tflops", None) for i in self.infos]
+        if total["achieved_tflops"] is not None and all(roofs):
+            # analytic MFU against the same measured roof the power estimate is calibrated on
+            total["flops_mfu"] = total["achieved_tflops"] / float(sum(roofs))
         for w in warnings:
             self._warn(w)
         return {"name": name, "t_start_s": t0 - (self.t_start or t0), "t_end_s": t1 - (self.t_start or t0),
-                "duration_s": duration, "items": items, "depth": depth, "devices": per_dev, "total": total,
+                "duration_s": duration, "items": items, "flops": flops, "depth": depth, "devices": per_dev,
+                "total": total,
                 "warnings": warnings}
 
     def _device_stats(self, info: DeviceInfo, rows: list[Reading], periods: dict[str, Any], t0: float, t1: float,

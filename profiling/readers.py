@@ -373,7 +373,8 @@ class ReplayReader:
     updates; after the last sample the last values hold, i.e. the counter looks stuck).
     The reading's own ``t`` is the read time. ``clock`` defaults to ``time.monotonic``;
     pass a :class:`ManualClock` for deterministic tests. ``start`` is the clock value at
-    trace time 0 (default: when the reader is made).
+    trace time 0 (default: the reader's first :meth:`now` or :meth:`read`, i.e. when a
+    monitor starts reading).
     """
 
     def __init__(self, devices: Sequence[DeviceInfo], samples: Mapping[int, Sequence[Mapping[str, Any]]], *,
@@ -381,7 +382,7 @@ class ReplayReader:
                  name: str = "replay") -> None:
         self._infos = list(devices)
         self._clock = clock or time.monotonic
-        self.start = self._clock() if start is None else float(start)
+        self._start = None if start is None else float(start)
         self.name = name
         self._seq: dict[int, list[dict[str, Any]]] = {}
         self._times: dict[int, list[float]] = {}
@@ -421,14 +422,24 @@ class ReplayReader:
         samples = {int(k): v for k, v in doc["samples"].items()}
         return cls(infos, samples, clock=clock, name=f"replay:{p.name}")
 
+    @property
+    def start(self) -> float:
+        """Clock value at trace time 0 (fixed by the first use when not given)."""
+        if self._start is None:
+            self._start = self._clock()
+        return self._start
+
     def devices(self) -> list[DeviceInfo]:
         return list(self._infos)
 
     def now(self) -> float:
-        return self._clock()
+        t = self._clock()
+        if self._start is None:
+            self._start = t
+        return t
 
     def read(self, index: int) -> Reading:
-        t = self._clock()
+        t = self.now()
         times = self._times[index]
         rel = t - self.start
         # latest sample at or before rel (binary search)

@@ -26,7 +26,9 @@ JSON schema (``schema_version`` 1, ``format`` "ditperf-power-report")::
                        max_temp_c, clock_reasons_share {reason: share}, throttle_share,
                        j_per_item, estimated_mfu, [estimated_tflops,
                        estimated_mfu_in_range]}},
-                   "total": {energy_j, mean_power_w, j_per_item, estimated_mfu}}],
+                   "flops": analytic FLOPs given for the window | null,
+                   "total": {energy_j, mean_power_w, j_per_item, estimated_mfu, flops,
+                             achieved_tflops, flops_mfu}}],
       "warnings": [...], "warnings_dropped": int (beyond the first 500),
       "read_errors": int, "first_read_error": str | null
     }
@@ -207,10 +209,10 @@ def print_summary(doc: dict[str, Any], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(width=max(150, Console().width))
+    console = console or Console(width=max(175, Console().width))
     table = Table(title=f"power ({doc.get('reader')}, {_fmt(doc.get('interval_s'), '.0f', 1e3)} ms sampling)")
     cols = ["window", "GPU", "time s", "energy J", "src", "mean W", "p50 W", "peak W", "limit W", "util",
-            "net idle", "J/item", "est.MFU", "samples (Hz)", "upd ms", "throttle"]
+            "net idle", "J/item", "est.MFU", "flops MFU", "samples (Hz)", "upd ms", "throttle"]
     for c in cols:
         table.add_column(c, justify="left" if c in ("window", "src") else "right")
     for w in sorted(doc.get("windows", []), key=lambda w: (w["t_start_s"], w.get("depth", 0))):
@@ -223,6 +225,7 @@ def print_summary(doc: dict[str, Any], console: Any = None) -> None:
                 _fmt(s.get("power_limit_w"), ".0f"), _fmt(s.get("power_proxy_util"), ".0f", 100, "%"),
                 _fmt(s.get("power_proxy_util_net_idle"), ".0f", 100, "%"), _fmt(s.get("j_per_item"), ".3g"),
                 _fmt(s.get("estimated_mfu"), ".0f", 100, "%"),
+                _fmt((w.get("total") or {}).get("flops_mfu"), ".0f", 100, "%"),
                 f"{s.get('samples', 0)} ({_fmt(s.get('sample_rate_hz'), '.0f')})", _fmt(upd, ".0f", 1e3),
                 _fmt(s.get("throttle_share"), ".0f", 100, "%"))
     console.print(table)

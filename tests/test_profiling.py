@@ -543,15 +543,15 @@ def test_marks_pairing(tmp_path, monkeypatch):
         pass
     path = tmp_path / "marks.jsonl"
     monkeypatch.setenv(MARKS_ENV, str(path))
-    with power_window("a", items=3), power_window("b"):
+    with power_window("a", items=3, flops=5e12), power_window("b"):
         pass
     mark("c", "begin")
     mark("d", "end")
     with open(path, "a") as f:
         f.write("garbage\n")
     spans, warnings = read_marks(path)
-    assert [(n, items) for n, _, _, items in spans] == [("a", 3), ("b", None)]
-    assert all(t1 >= t0 for _, t0, t1, _ in spans)
+    assert [(n, items, flops) for n, _, _, items, flops in spans] == [("a", 3, 5e12), ("b", None, None)]
+    assert all(t1 >= t0 for _, t0, t1, _, _ in spans)
     assert any("'c' began but never ended" in w for w in warnings)
     assert any("'d' ended without a begin" in w for w in warnings)
     assert any("unreadable" in w for w in warnings)

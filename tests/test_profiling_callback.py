@@ -11,11 +11,15 @@ import time
 
 import pytest
 import torch
+from ditperf.profiling.calibration import Calibration, save_calibration
 from ditperf.profiling.readers import REPLAY_ENV, synthetic_trace, write_replay
 
 composer = pytest.importorskip("composer")
 
 BATCH = 4
+
+
+FLOPS_PER_SAMPLE = 2e12
 
 
 def _fit(callback, batches: int, loggers=(), step_s: float = 0.02):
@@ -35,6 +39,9 @@ def _fit(callback, batches: int, loggers=(), step_s: float = 0.02):
         def loss(self, outputs, batch):
             return ((outputs.squeeze(-1) - batch[1]) ** 2).mean()
 
+        def flops_per_batch(self, batch):  # the hook Composer's SpeedMonitor uses too
+            return FLOPS_PER_SAMPLE * len(batch[0])
+
     data = TensorDataset(torch.randn(BATCH * batches, 4), torch.randn(BATCH * batches))
     trainer = Trainer(model=Tiny(), train_dataloader=DataLoader(data, batch_size=BATCH), max_duration=f"{batches}ba",
                       callbacks=[callback], loggers=list(loggers), device="cpu", progress_bar=False,
@@ -52,6 +59,10 @@ def test_callback_logs_power_metrics_with_replayed_trace(tmp_path, monkeypatch):
     info, samples = synthetic_trace(lambda t: 520.0, 60.0, update_period_s=0.005, limit_w=700.0)
     monkeypatch.setenv(REPLAY_ENV, str(write_replay(tmp_path / "r.json", [(info, samples)])))
     monkeypatch.setenv("DITPERF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("DITPERF_POWER_CALIBRATION", raising=False)
+    cal = Calibration.fit([{"power_w": 70.0, "mfu": 0.0}, {"power_w": 600.0, "mfu": 0.8}], gpu_name=info.name,
+                          driver=info.driver, power_limit_w=700.0, roof_tflops=800.0)
+    save_calibration(cal)
     cb = PowerCallback(interval_s=0.01, log_interval=3, out_dir=tmp_path / "power")
     mem = InMemoryLogger()
     _fit(cb, batches=8, loggers=[mem], step_s=0.05)
@@ -65,6 +76,12 @@ def test_callback_logs_power_metrics_with_replayed_trace(tmp_path, monkeypatch):
     per_img = [v for _, v in mem.data["power/energy_per_img_j"]]
     assert per_img[0] == pytest.approx(e[0] / (3 * BATCH)) and per_img[2] == pytest.approx(e[2] / (2 * BATCH))
     assert mem.data["power/total_energy_j"][-1][1] == pytest.approx(sum(e))
+    # power-estimated and analytic (flops_per_batch) MFU, side by side
+    est = [v for _, v in mem.data["power/estimated_mfu"]]
+    assert est == pytest.approx([cal.mfu_at(w) for w in mean_w])
+    fl = [v for _, v in mem.data["power/flops_mfu"]]
+    expect = [FLOPS_PER_SAMPLE * h["items"] / h["seconds"] / 1e12 / 800.0 for h in cb.history]
+    assert fl == pytest.approx(expect)
     fit = cb.fit_summary
     assert fit["items"] == 8 * BATCH and fit["energy_j"] == pytest.approx(sum(e))
     assert mem.data["power/fit/energy_per_img_j"][-1][1] == pytest.approx(sum(e) / (8 * BATCH))

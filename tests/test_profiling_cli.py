@@ -26,11 +26,16 @@ def replay(tmp_path, monkeypatch):
 
 
 def test_power_runs_command_writes_report_and_keeps_exit_code(replay, tmp_path, capsys):
+    from ditperf.profiling.calibration import Calibration, save_calibration
+
+    cal = Calibration.fit([{"power_w": 70.0, "mfu": 0.0}, {"power_w": 600.0, "mfu": 0.8}], gpu_name="Fake H100",
+                          driver="550.00", power_limit_w=700.0, roof_tflops=800.0)
+    save_calibration(cal)  # into DITPERF_CACHE_DIR (the replay fixture points it at tmp_path)
     child = textwrap.dedent("""
         import time
         from ditperf.profiling import power_window
         time.sleep(0.1)
-        with power_window("steps", items=64):
+        with power_window("steps", items=64, flops=1.2e14):
             time.sleep(0.3)
         raise SystemExit(3)
     """)
@@ -51,6 +56,12 @@ def test_power_runs_command_writes_report_and_keeps_exit_code(replay, tmp_path, 
     assert d["j_per_item"] == pytest.approx(d["energy_j"] / 64)
     assert d["mean_power_w"] == pytest.approx(480.0, rel=0.1)
     assert windows["command"]["duration_s"] >= steps["duration_s"]
+    # the two MFUs side by side: from power (calibration) and from the analytic FLOPs
+    assert d["estimated_mfu"] == pytest.approx(cal.mfu_at(d["mean_power_w"]))
+    tot = steps["total"]
+    assert tot["achieved_tflops"] == pytest.approx(1.2e14 / steps["duration_s"] / 1e12)
+    assert tot["flops_mfu"] == pytest.approx(tot["achieved_tflops"] / 800.0)
+    assert "Fake H100" in doc["devices"][0]["calibration"]
     assert (out / "power_samples.csv").stat().st_size > 0
     assert (out / "power_timeline.png").read_bytes()[:4] == b"\x89PNG"
     captured = capsys.readouterr()
