@@ -1,0 +1,314 @@
+"""Datasets: schema, synth, Streaming reading (buckets, determinism, edit masks), bad data,
+and `ditperf data encode` with a tiny random VAE + text encoder loaded from local folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ditperf.model import get_config, make_edit_batch
+from ditperf.trainer import data as D
+
+
+@pytest.fixture(scope="module")
+def tiny_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Text-conditioned tiny dataset, two buckets of 12 samples (read-only: copy to modify)."""
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    D.synth_dataset(out, get_config("tiny"), 24, buckets=[(8, 8), (8, 12)], seed=3, progress=False)
+    return out
+
+
+def copy_ds(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _shards(root: Path) -> list[Path]:
+    return sorted(root.glob("*/shard.*.mds*"))
+
+
+def test_synth_schema_columns_and_readback(tiny_ds: Path) -> None:
+    doc = json.loads((tiny_ds / D.SCHEMA_FILE).read_text())
+    assert doc["conditioning"] == "text" and doc["latent_channels"] == 4
+    assert (doc["text_len"], doc["text_dim"]) == (8, 32)
+    assert [b["name"] for b in doc["buckets"]] == ["8x8", "8x12"] and doc["total_samples"] == 24
+    index = json.loads((tiny_ds / "8x12" / "index.json").read_text())["shards"][0]
+    assert index["compression"] == "zstd" and index["hashes"] == ["xxh64"]
+    cols = dict(zip(index["column_names"], index["column_encodings"]))
+    assert cols["latent"] == "ndarray:float16:4,8,12" and cols["text"] == "ndarray:float16:8,32"
+    assert cols["text_mask"] == "ndarray:uint8:8"
+    samples = list(D.iter_samples(tiny_ds))
+    assert len(samples) == 24
+    for s in samples:
+        h, w = (int(v) for v in s["bucket"].split("x"))
+        assert s["latent"].shape == (4, h, w) and s["latent"].dtype == np.float16
+        m = s["text_mask"].astype(bool)
+        assert m[0] and s["caption"].startswith("synthetic concept")
+        assert np.all(s["text"][~m] == 0) and np.abs(s["text"][m]).sum() > 0
+        assert abs(float(s["latent"].astype(np.float32).std()) - 1.0) < 0.5
+    D.verify_dataset(tiny_ds, mode="hashes")
+
+
+def _epoch_ids(root: Path, workers: int, seed: int = 5, edit: str | None = None) -> list[dict[str, torch.Tensor]]:
+    ds = D.build_dataset(root, batch_size=4, shuffle=True, shuffle_seed=seed, edit_task=edit, edit_seed=11)
+    return list(D.build_dataloader(ds, batch_size=4, num_workers=workers))
+
+
+def test_loader_never_mixes_buckets_deterministic_shuffle(tiny_ds: Path) -> None:
+    a = _epoch_ids(tiny_ds, workers=0)
+    b = _epoch_ids(tiny_ds, workers=1)  # a fresh dataset for the forked worker
+    c = _epoch_ids(tiny_ds, workers=0, seed=6)
+    ids = [x["sample_ids"].tolist() for x in a]
+    assert ids == [x["sample_ids"].tolist() for x in b]
+    assert ids != [x["sample_ids"].tolist() for x in c]
+    assert sorted(i for batch in ids for i in batch) == list(range(24))  # 12 per bucket, batch 4: all used
+    shapes = set()
+    for batch in a:
+        assert batch["latents"].dtype == torch.float16 and batch["text_mask"].dtype == torch.bool
+        assert batch["labels"].dtype == torch.int64 and batch["text"].shape == (4, 8, 32)
+        shapes.add(tuple(batch["latents"].shape))
+    assert shapes == {(4, 4, 8, 8), (4, 4, 8, 12)}
+    # the fast mmap reader returns exactly what Streaming's own reader returns
+    ref = {i: s for i, s in enumerate(D.iter_samples(tiny_ds))}
+    for batch in a:
+        for j, sid in enumerate(batch["sample_ids"].tolist()):
+            assert torch.equal(batch["latents"][j], torch.from_numpy(np.array(ref[sid]["latent"])))
+            assert torch.equal(batch["text"][j], torch.from_numpy(np.array(ref[sid]["text"])))
+            assert batch["labels"][j].item() == ref[sid]["label"]
+
+
+def test_edit_masks_seeded_by_seed_epoch_sample(tiny_ds: Path) -> None:
+    a = _epoch_ids(tiny_ds, workers=0, edit="mixed")
+    b = _epoch_ids(tiny_ds, workers=1, seed=9, edit="mixed")  # other order, same masks per sample
+    by_id = {int(s): (bt["edit_mask"][j], bt["edit_source"][j]) for bt in b for j, s in enumerate(bt["sample_ids"])}
+    for batch in a:
+        for j, sid in enumerate(batch["sample_ids"].tolist()):
+            mask, src = batch["edit_mask"][j], batch["edit_source"][j]
+            assert torch.equal(mask, by_id[sid][0]) and torch.equal(src, by_id[sid][1])
+            g = torch.Generator().manual_seed(D.mix_seed(11, 0, sid))
+            ref = make_edit_batch(batch["latents"][j:j + 1].float(), "mixed", g)
+            assert torch.equal(mask, ref["edit_mask"][0])
+            assert torch.equal(src, (batch["latents"][j] * (1 - mask)).to(torch.float16))
+            assert 0 < mask.sum() < mask.numel()
+
+
+def test_corrupt_shard_hash_mismatch_names_file(tiny_ds: Path, tmp_path: Path) -> None:
+    root = copy_ds(tiny_ds, tmp_path / "ds")
+    shard = _shards(root)[0]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(D.DataError, match=f"corrupt shard {shard}.*hash mismatch"):
+        D.verify_dataset(root, mode="hashes")
+    with pytest.raises(D.DataError, match="corrupt shard"):
+        D.verify_dataset(root, mode="auto")
+    D.verify_dataset(root, mode="size")  # same size: only a hash check sees it
+    assert shard.read_bytes() == bytes(raw)  # nothing is deleted or rewritten
+
+
+def test_missing_shard_and_truncated_shard(tiny_ds: Path, tmp_path: Path) -> None:
+    root = copy_ds(tiny_ds, tmp_path / "ds")
+    shard = root / "8x8" / "shard.00000.mds.zstd"
+    (root / "8x8" / "shard.00000.mds").unlink(missing_ok=True)  # decompressed copy from earlier reads
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-10])
+    with pytest.raises(D.DataError, match=f"corrupt shard {shard}: .* bytes on disk"):
+        D.verify_dataset(root, mode="size")
+    shard.unlink()
+    with pytest.raises(D.DataError, match=f"shard file missing: {shard}"):
+        D.verify_dataset(root, mode="size")
+    (root / "8x8" / "index.json").unlink()
+    with pytest.raises(D.DataError, match="bucket 8x8 has no index file"):
+        D.verify_dataset(root)
+
+
+def test_schema_mismatch_errors_name_column(tiny_ds: Path, tmp_path: Path) -> None:
+    schema = D.DatasetSchema.load(tiny_ds)
+    with pytest.raises(D.DataError, match="column 'latent' has 4 channels .* latent_channels=16"):
+        D.check_compatible(schema, get_config("t2i-1b"), tiny_ds)
+    with pytest.raises(D.DataError, match="text-conditioned but model 'dit-s-2' expects class"):
+        D.check_compatible(schema, get_config("dit-s-2"), tiny_ds)
+    with pytest.raises(D.DataError, match="column 'text' has width D=32 .* text_dim=64"):
+        D.check_compatible(schema, get_config("tiny", text_dim=64), tiny_ds)
+    with pytest.raises(D.DataError, match="bucket 8x12 .* not divisible by .* patch size 8"):
+        D.check_compatible(schema, get_config("tiny", patch_size=8), tiny_ds)
+    D.check_compatible(schema, get_config("tiny"), tiny_ds)
+    # shards whose columns disagree with the schema file
+    root = copy_ds(tiny_ds, tmp_path / "ds")
+    doc = json.loads((root / D.SCHEMA_FILE).read_text())
+    doc["latent_channels"] = 8
+    (root / D.SCHEMA_FILE).write_text(json.dumps(doc))
+    with pytest.raises(D.DataError, match=r"8x8/index.json: column 'latent' is 'ndarray:float16:4,8,8'"):
+        D.verify_dataset(root)
+
+
+def test_empty_or_not_a_dataset(tmp_path: Path) -> None:
+    with pytest.raises(D.DataError, match="does not exist"):
+        D.DatasetSchema.load(tmp_path / "nope")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "index.json").write_text("{}")
+    with pytest.raises(D.DataError, match="not a ditperf dataset.*plain MDS dataset"):
+        D.DatasetSchema.load(tmp_path / "plain")
+    empty = D.DatasetSchema(conditioning="class", latent_channels=4, buckets=[D.Bucket(8, 8, 0)], num_classes=10)
+    (tmp_path / "empty").mkdir()
+    empty.save(tmp_path / "empty")
+    with pytest.raises(D.DataError, match="is empty"):
+        D.verify_dataset(tmp_path / "empty")
+    with pytest.raises(D.DataError, match="is empty"):
+        D.build_dataset(tmp_path / "empty", batch_size=2)
+    with pytest.raises(D.DataError, match="expected HxW"):
+        D.parse_buckets("8x8,big")
+
+
+def test_synth_class_preset_and_refuses_nonempty(tmp_path: Path) -> None:
+    schema = D.synth_dataset(tmp_path / "c", get_config("dit-s-2"), 6, seed=1, progress=False)
+    assert schema.conditioning == "class" and schema.num_classes == 1000
+    samples = list(D.iter_samples(tmp_path / "c"))
+    assert {s["latent"].shape for s in samples} == {(4, 32, 32)} and all("text" not in s for s in samples)
+    assert all(0 <= s["label"] < 1000 for s in samples)
+    with pytest.raises(D.DataError, match="not empty"):
+        D.synth_dataset(tmp_path / "c", get_config("dit-s-2"), 6, progress=False)
+
+
+# ----------------------------------------------------------------------------- encode
+
+
+@pytest.fixture(scope="module")
+def tiny_encoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A random 2-block AutoencoderKL (factor 2) and a 2-layer CLIP text model + word-level
+    tokenizer, saved with save_pretrained and later loaded back by path like a real model."""
+    from diffusers import AutoencoderKL
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("encoders")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        layers_per_block=1, norm_num_groups=8, sample_size=32)
+    vae.save_pretrained(root / "vae")
+    words = ["[PAD]", "[UNK]", "a", "red", "cat", "dog", "on", "the", "mat", "blue", "sky"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", model_max_length=12)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(words), hidden_size=32, intermediate_size=37,
+                                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=12,
+                                      pad_token_id=0, bos_token_id=0, eos_token_id=0))
+    te.save_pretrained(root / "te")
+    tok.save_pretrained(root / "te")
+    return {"vae": root / "vae", "te": root / "te"}
+
+
+def _images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        p = folder / f"im{i}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
+        p.with_suffix(".txt").write_text("a red cat on the mat" if i % 2 else "blue sky")
+        paths.append(p)
+    return paths
+
+
+def test_encode_images_and_read_back(tiny_encoders: dict[str, Path], tmp_path: Path) -> None:
+    from diffusers import AutoencoderKL
+    from ditperf.trainer import encode as E
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    sizes = [(32, 32), (30, 40), (40, 30), (33, 35), (20, 64)]
+    _images(tmp_path / "imgs", sizes)
+    opts = E.EncodeOptions(vae=str(tiny_encoders["vae"]), text_encoder=str(tiny_encoders["te"]), resolution=32,
+                           chunk_size=2, batch_size=2, progress=False)
+    schema = E.encode_dataset(tmp_path / "imgs", tmp_path / "out", opts)
+    # default buckets at 32px with the factor-2 VAE (sides multiples of 8): 32x32, 24x40, 40x24
+    assert {b.name: b.samples for b in schema.buckets} == {"16x16": 2, "12x20": 2, "20x12": 1}
+    assert schema.conditioning == "text" and (schema.text_len, schema.text_dim) == (12, 32)
+    D.verify_dataset(tmp_path / "out", mode="hashes")
+    vae = AutoencoderKL.from_pretrained(tiny_encoders["vae"]).eval()
+    te = CLIPTextModel.from_pretrained(tiny_encoders["te"]).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_encoders["te"])
+    got = {s["caption"] + str(tuple(int(v) for v in s["source_size"])): s for s in D.iter_samples(tmp_path / "out")}
+    assert len(got) == 5
+    for i, (h, w) in enumerate(sizes):
+        caption = "a red cat on the mat" if i % 2 else "blue sky"
+        s = got[caption + str((h, w))]
+        pixels, src, _ = E.load_image(str(tmp_path / "imgs" / f"im{i}.png"), [(32, 32), (24, 40), (40, 24)])
+        assert src == (h, w) and s["bucket"] == f"{pixels.shape[0] // 2}x{pixels.shape[1] // 2}"
+        with torch.no_grad():
+            x = torch.from_numpy(np.array(pixels))[None].permute(0, 3, 1, 2).float() / 127.5 - 1
+            ref = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+            enc = tok([caption], padding="max_length", max_length=12, return_tensors="pt")
+            hid = te(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state[0]
+        np.testing.assert_allclose(s["latent"].astype(np.float32), ref[0].numpy(), atol=2e-3, rtol=2e-3)
+        m = s["text_mask"].astype(bool)
+        assert m.sum() == len(caption.split())
+        np.testing.assert_allclose(s["text"][m].astype(np.float32), hid[torch.from_numpy(m)].numpy(),
+                                   atol=5e-3, rtol=5e-3)
+    # the result trains the tiny preset (channels, text width) and reads through the loader
+    D.check_compatible(schema, get_config("tiny", text_dim=32), tmp_path / "out")
+    batches = list(D.build_dataloader(D.build_dataset(tmp_path / "out", batch_size=1, shuffle=False),
+                                      batch_size=1, num_workers=0))
+    assert len(batches) == 5
+
+
+def test_encode_resumes_after_bad_image(tiny_encoders: dict[str, Path], tmp_path: Path) -> None:
+    from ditperf.trainer import encode as E
+
+    paths = _images(tmp_path / "imgs", [(32, 32)] * 5)
+    good = paths[3].read_bytes()
+    paths[3].write_bytes(b"not a png")  # chunk 1 (items 2, 3) fails
+    opts = E.EncodeOptions(vae=str(tiny_encoders["vae"]), text_encoder=str(tiny_encoders["te"]), resolution=32,
+                           chunk_size=2, batch_size=4, progress=False)
+    out = tmp_path / "out"
+    with pytest.raises(D.DataError, match=f"cannot read image {paths[3]}"):
+        E.encode_dataset(tmp_path / "imgs", out, opts)
+    done = out / "_encode" / "chunk-00000.json"
+    part0 = out / "16x16" / "part-00000" / "shard.00000.mds.zstd"
+    assert done.is_file() and part0.is_file() and not (out / "_encode" / "chunk-00001.json").exists()
+    with pytest.raises(D.DataError, match="not a ditperf dataset"):
+        D.DatasetSchema.load(out)  # unfinished encode is not readable as a dataset
+    before = (part0.stat().st_mtime_ns, part0.read_bytes())
+    paths[3].write_bytes(good)
+    with pytest.raises(D.DataError, match="different settings.*resolution"):
+        E.encode_dataset(tmp_path / "imgs", out, E.EncodeOptions(**{**opts.__dict__, "resolution": 64}))
+    schema = E.encode_dataset(tmp_path / "imgs", out, opts)
+    assert schema.total_samples == 5 and (part0.stat().st_mtime_ns, part0.read_bytes()) == before
+    assert sorted(s["source_size"][0] for s in D.iter_samples(out)) == [32] * 5
+
+
+def test_encode_jsonl_class_labels(tiny_encoders: dict[str, Path], tmp_path: Path) -> None:
+    from ditperf.trainer import encode as E
+
+    paths = _images(tmp_path / "imgs", [(32, 32), (24, 40), (32, 32)])
+    jsonl = tmp_path / "list.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"path": f"imgs/{p.name}", "label": i % 2}) for i, p in enumerate(paths)))
+    opts = E.EncodeOptions(vae=str(tiny_encoders["vae"]), labels="jsonl", buckets="32x32,24x40", progress=False)
+    schema = E.encode_dataset(jsonl, tmp_path / "out", opts)
+    assert schema.conditioning == "class" and schema.num_classes == 2
+    assert sorted(s["label"] for s in D.iter_samples(tmp_path / "out")) == [0, 0, 1]
+    with pytest.raises(D.DataError, match="multiples of the VAE factor 2"):
+        E.encode_dataset(jsonl, tmp_path / "o2", E.EncodeOptions(vae=str(tiny_encoders["vae"]), labels="jsonl",
+                                                                  buckets="31x31", progress=False))
+    with pytest.raises(D.DataError, match="cannot load an AutoencoderKL"):
+        E.encode_dataset(jsonl, tmp_path / "o3", E.EncodeOptions(vae=str(tmp_path / "missing"), labels="jsonl"))
+
+
+def test_cli_synth_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ditperf.cli.main import main
+
+    assert main(["data", "synth", "--out", str(tmp_path / "s"), "--preset", "tiny", "--num", "8",
+                 "--buckets", "8x8", "--quiet"]) == 0
+    assert "wrote 8 samples" in capsys.readouterr().out
+    assert main(["data", "verify", str(tmp_path / "s")]) == 0
+    assert "OK (hashes) - 8 samples" in capsys.readouterr().out
+    assert main(["data", "verify", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["data", "synth", "--out", str(tmp_path / "s"), "--num", "8", "--quiet"]) == 2
+    assert "not empty" in capsys.readouterr().err

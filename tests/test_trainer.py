@@ -1,0 +1,213 @@
+"""Training with Composer on Streaming shards: config machinery, a tiny run, exact resume in
+a new process, NaN stop, bad data, the triton backend, and 2-rank DDP on CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ditperf.model import get_config
+from ditperf.trainer import config as C
+from ditperf.trainer import data as D
+
+REPO = Path(__file__).resolve().parent.parent
+QUIET = ["console_log_interval=1000ba"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny (text) latents in two buckets of 12: batch 4 -> 6 batches per epoch."""
+    out = tmp_path_factory.mktemp("train") / "tiny"
+    D.synth_dataset(out, get_config("tiny"), 24, buckets=[(8, 8), (8, 12)], seed=1, progress=False)
+    return out
+
+
+def _train(overrides: list[str]) -> dict:
+    from ditperf.trainer import train as T
+
+    return T.train(C.load_config("tiny-cpu", overrides + QUIET))
+
+
+def _ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["state"]
+
+
+def _ema(state: dict) -> dict[str, torch.Tensor]:
+    (ema,) = [d for name, d in state["algorithms"] if name == "EMA"]
+    return ema["ema_model"]["named_parameters_dict"]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_packaged_by_name_and_path_with_overrides(tmp_path: Path) -> None:
+    assert {"tiny-cpu", "dit-xl-2", "t2i-1b"} <= set(C.packaged_configs())
+    by_name = C.load_config("tiny-cpu")
+    by_path = C.load_config(str(REPO / "trainer" / "configs" / "tiny-cpu.yaml"))
+    assert {k: v for k, v in by_name.items() if k != "_source"} == {k: v for k, v in by_path.items() if k != "_source"}
+    cfg = C.load_config("tiny-cpu", ["optimizer.lr=1e-4", "max_duration=8ba", "model.backend=triton",
+                                     "model.depth=3", "optimizer.betas=[0.9, 0.95]", "seed=3", "data.local=/x",
+                                     "global_train_batch_size=8", "load_path=null", "callbacks.power.enabled=false"])
+    assert cfg["optimizer"]["lr"] == 1e-4 and isinstance(cfg["optimizer"]["lr"], float)
+    assert cfg["max_duration"] == "8ba" and cfg["model"]["backend"] == "triton" and cfg["seed"] == 3
+    assert cfg["model"]["depth"] == 3 and cfg["optimizer"]["betas"] == [0.9, 0.95]
+    assert cfg["callbacks"]["power"]["enabled"] is False
+    from ditperf.trainer.train import model_config
+
+    assert model_config(cfg).depth == 3
+    for name in ("dit-xl-2", "t2i-1b"):
+        mc = model_config(C.load_config(name))
+        assert mc.name == name
+    assert C.load_config("t2i-1b")["parallelism_config"]["fsdp"]["sharding_strategy"] == "FULL_SHARD"
+    custom = tmp_path / "mine.yaml"
+    custom.write_text("model: {preset: dit-s-2}\nmax_duration: 3ba\n")
+    assert C.load_config(str(custom))["run_name"] == "mine"
+
+
+def test_config_errors_list_valid_keys(tmp_path: Path) -> None:
+    with pytest.raises(C.ConfigError, match=r"unknown config key 'optimizer.lrr'; valid keys under optimizer: lr, betas"):
+        C.load_config("tiny-cpu", ["optimizer.lrr=1"])
+    with pytest.raises(C.ConfigError, match=r"unknown config key 'max_durations'; valid keys: run_name, seed"):
+        C.load_config(None, ["max_durations=8ba"])
+    with pytest.raises(C.ConfigError, match=r"model.depth|valid keys under model: .*depth"):
+        C.load_config(None, ["model.dpth=2"])
+    with pytest.raises(C.ConfigError, match="optimizer.lr: expected a number"):
+        C.load_config(None, ["optimizer.lr=fast"])
+    with pytest.raises(C.ConfigError, match="expected key=value"):
+        C.load_config(None, ["max_duration"])
+    with pytest.raises(C.ConfigError, match="neither a file nor a packaged config; packaged: .*tiny-cpu"):
+        C.load_config("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {locl: /x}\n")
+    with pytest.raises(C.ConfigError, match=f"{bad}: unknown config key 'data.locl'"):
+        C.load_config(str(bad))
+    from ditperf.trainer.train import model_config
+
+    with pytest.raises(C.ConfigError, match="unknown model preset 'dit-q'"):
+        model_config(C.load_config(None, ["model.preset=dit-q"]))
+
+
+def test_cli_train_errors_are_one_line(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ditperf.cli.main import main
+
+    assert main(["train", "tiny-cpu", "bogus=1"]) == 2
+    assert "unknown config key 'bogus'" in capsys.readouterr().err
+    assert main(["train", "tiny-cpu"]) == 2
+    assert "data.local is not set" in capsys.readouterr().err
+    assert main(["train", "tiny-cpu", f"data.local={tiny_data}", "model.latent_channels=8"]) == 2
+    assert "column 'latent' has 4 channels but model 'tiny' expects latent_channels=8" in capsys.readouterr().err
+    assert main(["train", "tiny-cpu", f"data.local={tmp_path / 'none'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "tiny-cpu", f"data.local={tiny_data}", "global_train_batch_size=16"]) == 2
+    assert "fewer samples than one global batch (16)" in capsys.readouterr().err
+    bad = shutil.copytree(tiny_data, tmp_path / "bad")
+    shard = bad / "8x12" / "shard.00000.mds.zstd"
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0x55
+    shard.write_bytes(bytes(raw))
+    assert main(["train", "tiny-cpu", f"data.local={bad}"]) == 2
+    assert f"corrupt shard {shard}" in capsys.readouterr().err
+    assert main(["train", "--list-keys"]) == 0
+    assert "data.local = None" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_train_tiny_cpu_4ba_writes_composer_checkpoints(tiny_data: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from ditperf.cli.main import main
+
+    rc = main(["train", "tiny-cpu", f"data.local={tiny_data}", "max_duration=4ba", "global_train_batch_size=4",
+               f"save_folder={tmp_path / 'ck'}", "save_interval=2ba", "model.backend=torch", *QUIET])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "done: 4 batches, 16 samples" in out
+    names = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert {"ep0-ba2-rank0.pt", "ep0-ba4-rank0.pt", "latest-rank0.pt", "train_summary.json"} <= set(names)
+    summary = json.loads((tmp_path / "ck" / "train_summary.json").read_text())
+    assert summary["batches"] == 4 and summary["device"] == "cpu" and summary["precision"] == "fp32"
+    assert all(torch.isfinite(torch.tensor([summary["loss_first"], summary["loss_last"]])))
+    state = _ckpt(tmp_path / "ck" / "ep0-ba4-rank0.pt")
+    assert state["timestamp"]["Timestamp"]["batch"] == 4 and state["dataset_state"]["train"]["sample_in_epoch"] == 16
+    assert set(_ema(state)) == set(state["model"])  # EMA of every parameter is checkpointed
+
+
+def test_exact_resume_in_new_process_is_bit_identical(tiny_data: Path, tmp_path: Path) -> None:
+    """8 batches straight == 4 batches, checkpoint, new process, resume to 8 (edit config:
+    noise, timesteps, cond dropout and edit masks all random; crosses an epoch boundary)."""
+    common = [f"data.local={tiny_data}", "max_duration=8ba", "global_train_batch_size=4", "save_interval=4ba",
+              "model.edit=true", "data.num_workers=1", "ema.half_life=3ba", "loss.cond_dropout=0.3"]
+    _train(common + [f"save_folder={tmp_path / 'a'}"])
+    _train(common + [f"save_folder={tmp_path / 'b'}", "stop_at=4ba"])
+    assert not (tmp_path / "b" / "ep1-ba8-rank0.pt").exists()
+    cmd = [sys.executable, "-m", "ditperf.trainer", "tiny-cpu", *common, *QUIET, f"save_folder={tmp_path / 'b'}",
+           f"load_path={tmp_path / 'b' / 'ep0-ba4-rank0.pt'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = _ckpt(tmp_path / "a" / "ep1-ba8-rank0.pt"), _ckpt(tmp_path / "b" / "ep1-ba8-rank0.pt")
+    assert a["timestamp"]["Timestamp"]["epoch"] == 1 == b["timestamp"]["Timestamp"]["epoch"]
+    assert set(a["model"]) == set(b["model"])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ea, eb = _ema(a), _ema(b)
+    for k in ea:
+        assert torch.equal(ea[k], eb[k]), k
+    mid = _ckpt(tmp_path / "a" / "ep0-ba4-rank0.pt")
+    assert any(not torch.equal(mid["model"][k], a["model"][k]) for k in a["model"])  # it did train
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from ditperf.cli.main import main
+
+    ck = tmp_path / "ck"
+    rc = main(["train", "tiny-cpu", f"data.local={tiny_data}", "max_duration=8ba", "global_train_batch_size=4",
+               f"save_folder={ck}", "save_interval=2ba", "debug.nan_at_batch=5", "data.num_workers=0", *QUIET])
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "loss became non-finite (nan) at batch 5" in err and "ep0-ba4-rank0.pt" in err
+    assert sorted(p.name for p in ck.glob("ep*.pt")) == ["ep0-ba2-rank0.pt", "ep0-ba4-rank0.pt"]
+    assert (ck / "latest-rank0.pt").resolve().name == "ep0-ba4-rank0.pt"
+    state = _ckpt(ck / "latest-rank0.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_triton_backend_trains(tiny_data: Path, tmp_path: Path) -> None:
+    summary = _train([f"data.local={tiny_data}", "max_duration=1ba", "global_train_batch_size=2",
+                      "model.backend=triton", "data.num_workers=0", "ema.enabled=false"])
+    assert summary["backend"] == "triton" and summary["batches"] == 1
+    assert torch.isfinite(torch.tensor(summary["loss_last"]))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # ~35-70 s: the launcher and both ranks import Composer (kept in the default run)
+def test_ddp_two_ranks_gloo_identical_params(tiny_data: Path, tmp_path: Path) -> None:
+    """`composer -n 2 -m ditperf.trainer ...` on CPU: both ranks end with the same weights."""
+    launcher = shutil.which("composer") or pytest.skip("composer launcher not on PATH")
+    cmd = [launcher, "-n", "2", "--master_port", str(_free_port()), "-m", "ditperf.trainer", "tiny-cpu",
+           f"data.local={tiny_data}", "max_duration=3ba", "global_train_batch_size=8", f"save_folder={tmp_path}",
+           "save_interval=3ba", "debug.param_digest=true", "data.num_workers=0", *QUIET]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 rank(s) x batch 4" in proc.stdout
+    d0 = json.loads((tmp_path / "param_digest-rank0.json").read_text())
+    d1 = json.loads((tmp_path / "param_digest-rank1.json").read_text())
+    ids0, ids1 = d0.pop("sample_ids"), d1.pop("sample_ids")
+    assert d0 == d1 and set(d0) == {"params", "ema"}
+    assert len(ids0) == len(ids1) == 12 and not set(ids0[:8]) & set(ids1[:8])  # ranks read different samples
+    state = _ckpt(tmp_path / "latest-rank0.pt")  # 2 global batches per epoch: ep1-ba3
+    assert state["timestamp"]["Timestamp"]["batch"] == 3 and state["timestamp"]["Timestamp"]["sample"] == 24

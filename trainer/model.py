@@ -1,0 +1,146 @@
+"""``DiTComposerModel``: the DiT as a Composer model trained with flow matching.
+
+Exact resume: every random draw of a training step (timesteps, noise, conditioning dropout,
+edit masks when the batch has none) comes from a ``torch.Generator`` seeded by
+``(seed, global batch index, rank, microbatch index)``. Composer restores the batch counter
+and Streaming the data position from a checkpoint, so a resumed run draws exactly what the
+uninterrupted run drew. (Composer saves the global RNG state but does not re-apply it on a
+mid-epoch resume with a StreamingDataset, so nothing here uses the global RNG.) The batch
+index is pushed in by :class:`BatchIndexCallback` at ``BATCH_START``.
+
+The forward pass returns the loss (Composer calls ``forward`` through DDP/FSDP, then
+``loss(outputs, batch)``, which just returns it): the noise must be drawn inside the wrapped
+forward for gradient synchronisation to see the whole step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.models import ComposerModel
+from composer.utils import dist
+from ditperf.model import DiT, flops, flow_matching_loss
+from ditperf.trainer.data import mix_seed
+
+FLOAT_KEYS = ("latents", "text", "edit_source", "edit_mask")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN/inf; raised before the step is applied or saved."""
+
+    def __init__(self, batch: int, value: float) -> None:
+        super().__init__(f"loss became non-finite ({value}) at batch {batch}")
+        self.batch, self.value = batch, value
+
+
+class DiTComposerModel(ComposerModel):
+    """Composer wrapper: ``forward(batch)`` -> flow-matching loss (fp32 scalar).
+
+    ``batch`` follows the ``ditperf.model`` batch contract; float entries may arrive in fp16
+    (the loader keeps them half-size) and are cast to fp32 here (autocast picks bf16 for the
+    matmuls on GPU).
+    """
+
+    def __init__(self, dit: DiT, *, seed: int, cond_dropout: float = 0.1, edit_region_only: bool = False,
+                 t_mean: float = 0.0, t_std: float = 1.0, nan_at_batch: int | None = None) -> None:
+        super().__init__()
+        self.model = dit
+        self.seed = int(seed)
+        self.cond_dropout = float(cond_dropout)
+        self.edit_region_only = bool(edit_region_only)
+        self.t_mean, self.t_std = float(t_mean), float(t_std)
+        self.nan_at_batch = nan_at_batch
+        self.seen_sample_ids: list[int] | None = None  # set to [] to record (debug.param_digest)
+        self.batch_index = 0
+        self.micro_index = 0
+        for block in dit.blocks:  # Composer FSDP: one wrap unit (and checkpointing unit) per block
+            block._fsdp_wrap = True
+            block._activation_checkpointing = True
+
+    # -- generator ------------------------------------------------------------------------
+
+    def start_batch(self, batch_index: int) -> None:
+        self.batch_index = int(batch_index)
+        self.micro_index = 0
+
+    def step_generator(self, device: torch.device) -> torch.Generator:
+        """Generator for the current (batch, rank, microbatch)."""
+        g = torch.Generator(device=device)
+        g.manual_seed(mix_seed(self.seed, self.batch_index, dist.get_global_rank(), self.micro_index))
+        self.micro_index += 1
+        return g
+
+    # -- Composer API ---------------------------------------------------------------------
+
+    def prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(batch)
+        for k in FLOAT_KEYS:
+            if k in out and out[k].is_floating_point():
+                out[k] = out[k].float()
+        return out
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = self.prepare(batch)
+        if self.seen_sample_ids is not None and "sample_ids" in batch:
+            self.seen_sample_ids.extend(int(i) for i in batch["sample_ids"].tolist())
+        g = self.step_generator(batch["latents"].device)
+        loss = flow_matching_loss(self.model, batch, generator=g, cond_dropout=self.cond_dropout,
+                                  edit_region_only=self.edit_region_only, t_mean=self.t_mean, t_std=self.t_std)
+        if self.nan_at_batch is not None and self.batch_index == int(self.nan_at_batch):
+            loss = loss * float("nan")  # test hook (debug.nan_at_batch)
+        return loss
+
+    def loss(self, outputs: Any, batch: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return outputs
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Any]:
+        return {}
+
+    def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:
+        """Training FLOPs of this device batch (forward + backward = 3x forward), analytic."""
+        lat = batch["latents"]
+        text_len = batch["text"].shape[1] if "text" in batch else None
+        return float(flops(self.model.config, lat.shape[0], height=lat.shape[-2], width=lat.shape[-1],
+                           text_len=text_len)["train"])
+
+
+def unwrap(model: torch.nn.Module) -> DiTComposerModel:
+    """The :class:`DiTComposerModel` inside DDP (``.module``) wrappers."""
+    m = model
+    while not isinstance(m, DiTComposerModel) and hasattr(m, "module"):
+        m = m.module
+    if not isinstance(m, DiTComposerModel):
+        raise TypeError(f"expected a DiTComposerModel, got {type(m).__name__}")
+    return m
+
+
+class BatchIndexCallback(Callback):
+    """Tell the model which global batch starts (seeds the step generators)."""
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        unwrap(state.model).start_batch(int(state.timestamp.batch.value))
+
+
+class NaNGuard(Callback):
+    """Stop training when the loss is not finite, *before* backward/step/checkpoint.
+
+    Runs at ``AFTER_LOSS``; every rank takes part in one all-reduce so all ranks stop
+    together. The last checkpoint written (and the ``latest`` symlink) stay the last good
+    state because the failing batch never reaches ``BATCH_CHECKPOINT``.
+    """
+
+    def after_loss(self, state: State, logger: Logger) -> None:
+        loss = state.loss
+        if isinstance(loss, dict):
+            loss = loss.get("total", next(iter(loss.values())))
+        if isinstance(loss, (tuple, list)):
+            loss = sum(loss)
+        assert isinstance(loss, torch.Tensor)
+        bad = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(bad, reduce_operation="MAX")
+        if bad.item() > 0:
+            raise NonFiniteLossError(int(state.timestamp.batch.value), float(loss.detach().float().mean().item()))

@@ -1,0 +1,370 @@
+"""Build and run a Composer ``Trainer`` for a DiT from a ditperf training config.
+
+``train(cfg)`` is what ``ditperf train`` and ``composer -n N -m ditperf.trainer`` call. Pieces:
+:class:`~ditperf.trainer.model.DiTComposerModel` (flow-matching loss, analytic
+``flops_per_batch`` so ``SpeedMonitor`` reports MFU), Composer's ``DecoupledAdamW``,
+``CosineAnnealingWithWarmupScheduler``, the ``EMA`` and ``GradientClipping`` algorithms,
+``SpeedMonitor`` / ``LRMonitor`` / ``MemoryMonitor`` callbacks, ditperf's ``PowerCallback``
+(NVML) on GPUs, a NaN guard, checkpoints in Composer's own format
+(``ep{epoch}-ba{batch}-rank{rank}.pt`` + ``latest-rank{rank}.pt`` symlink).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from ditperf.trainer.config import ConfigError, model_fields
+
+log = logging.getLogger("ditperf.trainer")
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped early for a reason the user must see (NaN loss)."""
+
+
+def _world() -> tuple[int, int, int]:
+    """(world size, global rank, local rank) from the launcher's environment."""
+    return (int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
+            int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def model_config(cfg: dict[str, Any]) -> Any:
+    from ditperf.model import get_config
+
+    m = cfg["model"]
+    overrides = {k: m[k] for k in model_fields() if m.get(k) is not None}
+    try:
+        return get_config(m["preset"], **overrides)
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+
+
+def resolve_device_precision(cfg: dict[str, Any]) -> tuple[str, str]:
+    device = cfg["device"]
+    if device == "auto":
+        device = "gpu" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "gpu"):
+        raise ConfigError(f"device must be auto, cpu or gpu; got {device!r}")
+    if device == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("device=gpu but no CUDA GPU is visible")
+    precision = cfg["precision"]
+    if precision == "auto":
+        precision = "amp_bf16" if device == "gpu" else "fp32"
+    if device == "cpu" and precision != "fp32":
+        raise ConfigError(f"precision={precision} needs a GPU (Composer refuses amp on CPU); use fp32 or auto")
+    return device, precision
+
+
+def device_batch_size(cfg: dict[str, Any], world_size: int) -> int:
+    gbs = int(cfg["global_train_batch_size"])
+    if gbs < 1 or gbs % world_size:
+        raise ConfigError(f"global_train_batch_size={gbs} must be a positive multiple of the world size "
+                          f"({world_size} ranks)")
+    return gbs // world_size
+
+
+def prepare_data(cfg: dict[str, Any], mcfg: Any, batch: int, world_size: int, rank: int) -> Any:
+    """Validate the dataset (schema vs model, files, hashes) and build the train DataSpec."""
+    from composer.core import DataSpec
+    from ditperf.trainer import data as D
+
+    d = cfg["data"]
+    if not d["local"]:
+        raise ConfigError("data.local is not set: give the dataset folder (e.g. data.local=/data/latents; "
+                          "create one with `ditperf data synth --out DIR --preset tiny --num 256`)")
+    local, remote = str(d["local"]), d["remote"]
+    if remote:
+        schema = D._load_schema(local, remote)  # shards are hash-checked by Streaming on download
+    else:
+        # rank 0 checks hashes, other ranks only sizes (same files, no need to read them N times)
+        mode = d["verify"] if rank == 0 or d["verify"] in ("none", "size") else "size"
+        schema = D.verify_dataset(local, mode=mode)
+    D.check_compatible(schema, mcfg, remote or local)
+    gbs = batch * world_size
+    small = [b for b in schema.buckets if 0 < b.samples < gbs]
+    if small:
+        names = ", ".join(f"{b.name} ({b.samples})" for b in small)
+        raise D.DataError(f"dataset {remote or local}: bucket(s) {names} have fewer samples than one global batch "
+                          f"({gbs}); lower global_train_batch_size or add data")
+    shuffle_seed = d["shuffle_seed"] if d["shuffle_seed"] is not None else cfg["seed"]
+    kwargs: dict[str, Any] = {}
+    if d["predownload"] is not None:
+        kwargs["predownload"] = int(d["predownload"])
+    if d["cache_limit"] is not None:
+        kwargs["cache_limit"] = d["cache_limit"]
+    dataset = D.build_dataset(local, remote=remote, batch_size=batch, shuffle=bool(d["shuffle"]),
+                              shuffle_seed=int(shuffle_seed) % (2**31), schema=schema,
+                              edit_task=d["edit_task"] if mcfg.edit else None, edit_seed=int(cfg["seed"]),
+                              **kwargs)
+    loader = D.build_dataloader(dataset, batch_size=batch, num_workers=int(d["num_workers"]),
+                                prefetch_factor=int(d["prefetch_factor"]),
+                                persistent_workers=bool(d["persistent_workers"]))
+    return DataSpec(loader, get_num_samples_in_batch=lambda b: int(b["latents"].shape[0])), schema
+
+
+def _enabled(value: Any, device: str) -> bool:
+    if value == "auto":
+        return device == "gpu"
+    if isinstance(value, dict):
+        return _enabled(value.get("enabled", True), device)
+    return bool(value)
+
+
+def build_callbacks(cfg: dict[str, Any], device: str) -> list[Any]:
+    from composer.callbacks import LRMonitor, MemoryMonitor, SpeedMonitor
+    from ditperf.trainer.model import BatchIndexCallback, NaNGuard
+
+    cbs: list[Any] = [BatchIndexCallback(), NaNGuard()]
+    c = cfg["callbacks"]
+    sm = c["speed_monitor"]
+    if _enabled(sm, device):
+        cbs.append(SpeedMonitor(window_size=int(sm["window_size"]), gpu_flops_available=sm["gpu_flops_available"]))
+    if _enabled(c["lr_monitor"], device):
+        cbs.append(LRMonitor())
+    if _enabled(c["memory_monitor"], device):
+        if device != "gpu":
+            warnings.warn("callbacks.memory_monitor needs a GPU; skipped", stacklevel=2)
+        else:
+            cbs.append(MemoryMonitor())
+    power = c["power"]
+    if _enabled(power, device):
+        try:
+            from ditperf.profiling import PowerCallback  # type: ignore[attr-defined]
+        except ImportError as exc:
+            warnings.warn(f"callbacks.power: ditperf.profiling.PowerCallback is not available ({exc}); "
+                          "training without power logging", stacklevel=2)
+        else:
+            cbs.append(PowerCallback(interval_s=float(power["interval_s"]), log_interval=int(power["log_interval"])))
+    if cfg.get("stop_at"):
+        cbs.append(_make_stop_at(str(cfg["stop_at"])))
+    return cbs
+
+
+def _make_stop_at(spec: str) -> Any:
+    from composer.core import Callback, Time
+
+    class StopAt(Callback):
+        """Stop cleanly after ``spec`` (a time string) without changing ``max_duration``, so the
+        LR schedule is the full run's; the end-of-training checkpoint is written."""
+
+        def __init__(self) -> None:
+            self.at = Time.from_timestring(spec)
+
+        def batch_end(self, state: Any, logger: Any) -> None:
+            if state.timestamp.get(self.at.unit) >= self.at:
+                state.stop_training()
+
+    return StopAt()
+
+
+def build_trainer(cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Construct the Composer ``Trainer``; returns (trainer, info)."""
+    from composer import Trainer
+    from composer.algorithms import EMA, GradientClipping
+    from composer.loggers import InMemoryLogger
+    from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
+    from composer.utils import reproducibility
+    from ditperf.model import DiT
+    from ditperf.trainer.model import DiTComposerModel
+
+    world_size, rank, _ = _world()
+    device, precision = resolve_device_precision(cfg)
+    batch = device_batch_size(cfg, world_size)
+    mcfg = model_config(cfg)
+    backend = cfg["model"]["backend"]
+    if backend not in ("torch", "triton"):
+        raise ConfigError(f"model.backend must be torch or triton, got {backend!r}")
+    train_spec, schema = prepare_data(cfg, mcfg, batch, world_size, rank)
+
+    reproducibility.seed_all(int(cfg["seed"]))  # same init on every rank, and across resumes
+    dit = DiT(mcfg, backend=backend)
+    loss_cfg = cfg["loss"]
+    model = DiTComposerModel(dit, seed=int(cfg["seed"]), cond_dropout=float(loss_cfg["cond_dropout"]),
+                             edit_region_only=bool(loss_cfg["edit_region_only"]), t_mean=float(loss_cfg["t_mean"]),
+                             t_std=float(loss_cfg["t_std"]), nan_at_batch=cfg["debug"]["nan_at_batch"])
+    if cfg["debug"]["param_digest"]:
+        model.seen_sample_ids = []
+    o = cfg["optimizer"]
+    optimizer = DecoupledAdamW(model.parameters(), lr=float(o["lr"]), betas=tuple(float(b) for b in o["betas"]),
+                               eps=float(o["eps"]), weight_decay=float(o["weight_decay"]))
+    s = cfg["scheduler"]
+    scheduler = CosineAnnealingWithWarmupScheduler(t_warmup=str(s["t_warmup"]), alpha_f=float(s["alpha_f"]))
+    algorithms: list[Any] = []
+    if cfg["ema"]["enabled"]:
+        algorithms.append(EMA(half_life=str(cfg["ema"]["half_life"])))
+    if cfg["grad_clip_norm"]:
+        algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=float(cfg["grad_clip_norm"])))
+    memory = InMemoryLogger()
+    micro = cfg["device_train_microbatch_size"]
+    kwargs: dict[str, Any] = {}
+    if cfg["save_folder"]:
+        kwargs.update(save_folder=str(cfg["save_folder"]), save_interval=str(cfg["save_interval"]),
+                      save_num_checkpoints_to_keep=int(cfg["save_num_checkpoints_to_keep"]),
+                      save_overwrite=bool(cfg["save_overwrite"]))
+    elif cfg["autoresume"]:
+        raise ConfigError("autoresume=true needs save_folder (where it looks for the latest checkpoint)")
+    if cfg["load_path"]:
+        if not cfg["autoresume"] and "://" not in str(cfg["load_path"]) and not Path(cfg["load_path"]).exists():
+            raise ConfigError(f"load_path {cfg['load_path']} does not exist")
+        kwargs.update(load_path=str(cfg["load_path"]), load_weights_only=bool(cfg["load_weights_only"]))
+    if cfg["model"]["compile"]:
+        kwargs["compile_config"] = {}
+    trainer = Trainer(
+        model=model, train_dataloader=train_spec, max_duration=str(cfg["max_duration"]),
+        optimizers=optimizer, schedulers=scheduler, step_schedulers_every_batch=True,
+        algorithms=algorithms, callbacks=build_callbacks(cfg, device), loggers=[memory],
+        run_name=cfg["run_name"], progress_bar=bool(cfg["progress_bar"]),
+        log_to_console=not cfg["progress_bar"], console_log_interval=str(cfg["console_log_interval"]),
+        autoresume=bool(cfg["autoresume"]), parallelism_config=cfg["parallelism_config"],
+        device=device, precision=precision, device_train_microbatch_size=micro if micro is not None else batch,
+        seed=int(cfg["seed"]), **kwargs,
+    )
+    info = {"device": device, "precision": precision, "world_size": world_size, "rank": rank,
+            "device_batch_size": batch, "model": mcfg.describe(), "params": dit.num_params(),
+            "backend": backend, "memory_logger": memory, "schema": schema}
+    return trainer, info
+
+
+def _series(memory: Any, key: str) -> list[float]:
+    return [float(v) for _, v in memory.data.get(key, [])]
+
+
+def summarize(trainer: Any, info: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """Loss, throughput and MFU from the in-memory logger (what SpeedMonitor logged)."""
+    mem = info["memory_logger"]
+    loss = _series(mem, "loss/train/total")
+    sps = _series(mem, "throughput/samples_per_sec")
+    dev_sps = _series(mem, "throughput/device/samples_per_sec")
+    mfu = _series(mem, "throughput/device/mfu")
+    flops = _series(mem, "throughput/device/flops_per_sec")
+
+    def last(xs: list[float]) -> float | None:
+        return xs[-1] if xs else None
+
+    def median(xs: list[float]) -> float | None:
+        return sorted(xs)[len(xs) // 2] if xs else None
+
+    state = trainer.state
+    return {
+        "run_name": state.run_name, "config": cfg.get("_source"), "model": info["model"], "params": info["params"],
+        "backend": info["backend"], "device": info["device"], "precision": info["precision"],
+        "gpu": torch.cuda.get_device_name() if info["device"] == "gpu" else None,
+        "world_size": info["world_size"], "device_batch_size": info["device_batch_size"],
+        "batches": int(state.timestamp.batch.value), "samples": int(state.timestamp.sample.value),
+        "epochs": int(state.timestamp.epoch.value),
+        "loss_first": loss[0] if loss else None, "loss_last": last(loss),
+        "loss_first5_mean": sum(loss[:5]) / len(loss[:5]) if loss else None,
+        "loss_last5_mean": sum(loss[-5:]) / len(loss[-5:]) if loss else None,
+        "img_per_s_last": last(sps), "img_per_s_median": median(sps),
+        "img_per_s_per_device_last": last(dev_sps), "mfu_last": last(mfu), "mfu_median": median(mfu),
+        "tflops_per_device_last": (last(flops) or 0) / 1e12 if flops else None,
+        "speed_monitor_window": cfg["callbacks"]["speed_monitor"]["window_size"],
+        "wall_s": state.timestamp.total_wct.total_seconds(),
+    }
+
+
+def param_digest(trainer: Any) -> dict[str, str]:
+    """sha256 of the training parameters and of the EMA parameters (for cross-rank checks)."""
+    train_p, ema_p = training_and_ema_params(trainer)
+    out = {}
+    for name, params in (("params", train_p), ("ema", ema_p)):
+        if params is None:
+            continue
+        h = hashlib.sha256()
+        for k in sorted(params):
+            h.update(k.encode())
+            h.update(params[k].detach().float().cpu().contiguous().numpy().tobytes())
+        out[name] = h.hexdigest()
+    return out
+
+
+def training_and_ema_params(trainer: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(training params, EMA params or None) by name, whichever is currently swapped in."""
+    from composer.algorithms import EMA
+    from ditperf.trainer.model import unwrap
+
+    model = unwrap(trainer.state.model)
+    current = {k: v.detach().clone() for k, v in model.named_parameters()}
+    ema = next((a for a in trainer.state.algorithms if isinstance(a, EMA)), None)
+    if ema is None or ema.ema_model is None:
+        return current, None
+    stored = {k: v.detach().clone() for k, v in ema.ema_model.named_parameters_dict.items()}
+    return (stored, current) if ema.ema_weights_active else (current, stored)
+
+
+def train(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train per ``cfg`` (see :mod:`ditperf.trainer.config`); return the summary dict."""
+    threads = torch.get_num_threads()
+    if cfg["torch_threads"]:
+        torch.set_num_threads(int(cfg["torch_threads"]))
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: dict[str, Any]) -> dict[str, Any]:
+    from ditperf.trainer.model import NonFiniteLossError
+
+    trainer, info = build_trainer(cfg)
+    _, rank, _ = _world()
+    if rank == 0:
+        print(f"ditperf train: {info['model']} ({info['params'] / 1e6:.2f}M params), backend {info['backend']}, "
+              f"{info['device']} {info['precision']}, {info['world_size']} rank(s) x batch {info['device_batch_size']}, "
+              f"data {cfg['data']['remote'] or cfg['data']['local']} ({info['schema'].total_samples} samples, "
+              f"buckets {', '.join(b.name for b in info['schema'].buckets)})", flush=True)
+    try:
+        trainer.fit()
+    except NonFiniteLossError as exc:
+        latest = _latest_checkpoint(cfg)
+        trainer.close()
+        keep = f"last good checkpoint: {latest}" if latest else "no checkpoint was written before it"
+        raise TrainingStopped(f"{exc}; stopped without applying or saving that step ({keep}). "
+                              "Lower optimizer.lr, check the data, or resume from the checkpoint.") from exc
+    summary = summarize(trainer, info, cfg)
+    if cfg["debug"]["param_digest"]:
+        folder = Path(cfg["save_folder"] or ".")
+        folder.mkdir(parents=True, exist_ok=True)
+        from ditperf.trainer.model import unwrap
+
+        doc = {**param_digest(trainer), "sample_ids": unwrap(trainer.state.model).seen_sample_ids}
+        (folder / f"param_digest-rank{rank}.json").write_text(json.dumps(doc))
+    summary_file = cfg["summary_file"] or (Path(cfg["save_folder"]) / "train_summary.json" if cfg["save_folder"] else None)
+    if rank == 0:
+        _print_summary(summary)
+        if summary_file:
+            Path(summary_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(summary_file).write_text(json.dumps(summary, indent=2))
+            print(f"summary: {summary_file}", flush=True)
+    trainer.close()
+    summary["_trainer"] = trainer
+    return summary
+
+
+def _latest_checkpoint(cfg: dict[str, Any]) -> str | None:
+    folder = cfg["save_folder"]
+    if not folder:
+        return None
+    _, rank, _ = _world()
+    link = Path(folder) / f"latest-rank{rank}.pt"
+    if link.exists():
+        return str(link.resolve())
+    files = sorted(Path(folder).glob(f"ep*-ba*-rank{rank}.pt"), key=lambda p: p.stat().st_mtime)
+    return str(files[-1]) if files else None
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    print(f"done: {s['batches']} batches, {s['samples']} samples, {f(s['wall_s'], '.1f')} s; "
+          f"loss {f(s['loss_first5_mean'], '.4f')} (first 5) -> {f(s['loss_last5_mean'], '.4f')} (last 5); "
+          f"img/s {f(s['img_per_s_last'], '.1f')} (SpeedMonitor, last window of {s['speed_monitor_window']}); "
+          f"MFU {f(s['mfu_last'] and 100 * s['mfu_last'], '.1f')}%", flush=True)
