@@ -78,7 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pw.add_argument("--out", type=Path, default=None, metavar="DIR",
                     help="report directory (default ./ditperf-power-<date>-<time>)")
     pw.add_argument("--devices", default=None, metavar="I,J",
-                    help="NVML device indices to read (default: all GPUs)")
+                    help="NVML device indices to read, as nvidia-smi numbers them (CUDA_VISIBLE_DEVICES "
+                         "does not apply; default: all GPUs)")
     idle = pw.add_mutually_exclusive_group()
     idle.add_argument("--idle-power", type=float, default=None, metavar="W",
                       help="idle power per GPU in watts (default: measured before CMD starts)")

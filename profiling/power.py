@@ -271,18 +271,21 @@ class PowerMonitor:
             a path searches that file only.
         sync_cuda: synchronize CUDA at window edges (see module docstring).
         background: False runs no thread (tests call :meth:`sample` themselves).
+        close_reader: close the reader at :meth:`stop` (default: only a reader the monitor
+            made itself).
     """
 
     def __init__(self, devices: Sequence[int] | None = None, interval_s: float = 0.02, reader: Reader | None = None,
                  idle_power_w: float | Mapping[int, float] | None = None, *, idle_s: float = 0.5,
-                 calibration: str | None = "auto", sync_cuda: bool = True, background: bool = True) -> None:
+                 calibration: str | None = "auto", sync_cuda: bool = True, background: bool = True,
+                 close_reader: bool | None = None) -> None:
         if not (isinstance(interval_s, (int, float)) and 0.001 <= interval_s <= 60):
             raise ValueError(f"interval_s must be a number of seconds in [0.001, 60], got {interval_s!r}")
         if idle_s < 0:
             raise ValueError(f"idle_s must be >= 0, got {idle_s}")
         self.interval_s = float(interval_s)
         self.idle_s = float(idle_s)
-        self._own_reader = reader is None
+        self._own_reader = reader is None if close_reader is None else close_reader
         self.reader: Reader = reader if reader is not None else make_reader(devices)
         self.infos: list[DeviceInfo] = self.reader.devices()
         if not self.infos:

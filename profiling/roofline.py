@@ -141,7 +141,7 @@ def run_kernels(out_dir: str | os.PathLike[str], *, power: bool = False, quick: 
         from ditperf.profiling.readers import NvmlReader, nvml_index_for_cuda_device
 
         mon = PowerMonitor(reader=NvmlReader([nvml_index_for_cuda_device(torch.cuda.current_device())]),
-                           interval_s=0.01).start()
+                           interval_s=0.01, close_reader=True).start()
     rows: list[KernelRow] = []
     try:
         for kernel, shape, flops, nbytes, providers in _cases(quick):

@@ -112,7 +112,7 @@ def run_calibration(*, seconds: float = 60.0, device: int = 0, interval_s: float
     torch.cuda.set_device(device)
     idx = nvml_index_for_cuda_device(device)
     mon = PowerMonitor(reader=NvmlReader([idx]), interval_s=interval_s, idle_s=min(2.0, max(0.5, seconds / 30)),
-                       calibration=None)
+                       calibration=None, close_reader=True)
     info = mon.infos[0]
     per_point = max(min_point_s, seconds / (len(PLAN) + 1))
     points: list[dict[str, Any]] = []
