@@ -75,7 +75,7 @@ Configs that cannot fit shared memory are pruned before compiling.
 
 from __future__ import annotations
 
-import functools
+import inspect
 import itertools
 import math
 import os
@@ -95,7 +95,8 @@ from ditperf.kernels._common import (
     require_kernel_device,
 )
 
-__all__ = ["SPLIT_HEAD_DIM", "attention", "attention_ref", "head_dim_tiles", "joint_attention_mask"]
+__all__ = ["AUTOTUNE", "SPLIT_HEAD_DIM", "attention", "attention_ref", "autotune_report",
+           "head_dim_tiles", "joint_attention_mask"]
 
 _LOG2E = 1.4426950408889634
 
@@ -104,10 +105,17 @@ _LOG2E = 1.4426950408889634
 #: to False) forces one padded tile (D=72 -> 128), e.g. to measure the difference.
 SPLIT_HEAD_DIM: bool = os.environ.get("DITPERF_ATTN_SPLIT_D", "1") != "0"
 
+#: GPU autotuning: "curated" (default: a few Hopper configs per kernel, timed once per
+#: tuning key), "full" (BLOCK_M/N in {64, 128} x num_stages 2-4 x num_warps 4/8, pruned by
+#: shared memory and registers), or "off" (no timing: the first curated config that fits;
+#: compile time only, for tests). Read at each launch; env ``DITPERF_ATTN_AUTOTUNE``.
+AUTOTUNE: str = os.environ.get("DITPERF_ATTN_AUTOTUNE", "curated")
+
 _MIN_D, _MAX_D = 8, 128
-# Lengths are not specialized on (divisibility by 16, == 1): one compilation per config
-# serves every sequence length, which keeps GPU autotuning time down.
-_NO_SPECIALIZE = ["H", "N_Q", "N_K", "NQ_BUCKET", "NK_BUCKET"]
+# Lengths and D are runtime values that are not specialized on (divisibility by 16, == 1):
+# one compilation per config serves every sequence length (and every D that maps to the
+# same head-dim tiles), which keeps GPU compile and autotuning time down.
+_NO_SPECIALIZE = ["H", "N_Q", "N_K", "NQ_BUCKET", "NK_BUCKET", "HEAD_DIM"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -172,7 +180,7 @@ def _load_vec(base, offs, stride, lim, other, MASK: tl.constexpr):
 @triton.jit
 def _fwd_block(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, km_base, start_n,
                stride_kn, stride_vn, stride_mn, N_K, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               HEAD_DIM, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT: tl.constexpr,
                MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, MASK_N: tl.constexpr,
                HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
@@ -187,19 +195,20 @@ def _fwd_block(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, km_base, start_n,
         k1 = _load_tile(k_base, offs_n, stride_kn, offs_d1, N_K, HEAD_DIM, MASK_N, MASK_D1,
                         INTERPRET)
         qk = _mma(q1, tl.trans(k1), qk, INTERPRET, IEEE)
-    qk = qk * qk_scale  # log2 units: exp2(qk - m) == exp(scale * q.k - m')
     if MASK_N:
         qk = tl.where(offs_n[None, :] < N_K, qk, float("-inf"))
     if HAS_MASK:
         km = _load_vec(km_base, offs_n, stride_mn, N_K, 0, MASK_N)
         qk = tl.where(km[None, :] != 0, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # log2 units: exp2(qk * qk_scale - m) == exp(scale * q.k - m'); qk_scale > 0, so the row
+    # max is taken on the raw scores and the scaling fuses into one FMA per element.
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     if HAS_MASK:
         # A row with no real key so far keeps m = -inf; subtract 0 instead (no inf - inf).
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
-    p = tl.math.exp2(qk - m_use[:, None])
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     p_lo = p.to(k_base.dtype.element_ty)
@@ -218,7 +227,7 @@ def _fwd_kernel_body(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_mb, stride_mn, stride_ob, stride_oh, stride_on,
     H, N_Q, N_K, qk_scale, NQ_BUCKET, NK_BUCKET,
-    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT: tl.constexpr,
+    HEAD_DIM, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT: tl.constexpr,
     MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_MASK: tl.constexpr,
     INTERPRET: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -288,7 +297,7 @@ def _lse_log2(lse):
 @triton.jit
 def _dq_block(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, km_base, start_n,
               stride_kn, stride_vn, stride_mn, N_K, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_DIM, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT: tl.constexpr,
               MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, MASK_N: tl.constexpr,
               HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
@@ -328,7 +337,7 @@ def _bwd_dq_kernel_body(
     stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
     H, N_Q, N_K, qk_scale, sm_scale, NQ_BUCKET, NK_BUCKET,
-    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT: tl.constexpr,
+    HEAD_DIM, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT: tl.constexpr,
     MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GLSE: tl.constexpr,
     INTERPRET: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -387,7 +396,7 @@ def _bwd_dq_kernel_body(
 @triton.jit
 def _dkdv_block(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base,
                 start_m, stride_qn, stride_don, N_Q, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HEAD_DIM, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT: tl.constexpr,
                 MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, MASK_M: tl.constexpr,
                 INTERPRET: tl.constexpr, IEEE: tl.constexpr):
@@ -429,7 +438,7 @@ def _bwd_dkdv_kernel_body(
     stride_vb, stride_vh, stride_vn, stride_mb, stride_mn, stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     H, N_Q, N_K, qk_scale, sm_scale, NQ_BUCKET, NK_BUCKET,
-    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT: tl.constexpr,
+    HEAD_DIM, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT: tl.constexpr,
     MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_MASK: tl.constexpr,
     INTERPRET: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -493,24 +502,26 @@ def _bwd_dkdv_kernel_body(
 # Autotuning
 # ----------------------------------------------------------------------------------------
 
-_AUTOTUNE_KEY = ["BLOCK_D0", "BLOCK_D1", "HAS_MASK", "NQ_BUCKET", "NK_BUCKET"]
+_AUTOTUNE_KEY = ["HEAD_DIM", "SPLIT", "HAS_MASK", "NQ_BUCKET", "NK_BUCKET"]  # + dtypes (automatic)
 
-# Curated Hopper subsets (BLOCK_M, BLOCK_N, num_stages, num_warps) of the full space.
-# fwd: Q block large (reuse of K/V), 8 warps for 128x128 tiles (acc + S in registers).
-# dq: iterates over keys, a large query block holds dQ; dkdv: iterates over queries, a
-# large key block holds dK and dV (2 accumulators), so smaller BLOCK_M keeps S^T small.
+# Curated Hopper subsets (BLOCK_M, BLOCK_N, num_stages, num_warps) of the full space, checked
+# with ``bench/attention.py --compile-check`` (sm_90, triton 3.3: all use HGMMA, no spills
+# beyond a few bytes at the 255-register cap). fwd: a large Q block (K/V reuse), 8 warps for
+# 128x128 tiles (O acc + S in registers). dq: iterates over keys, a large query block holds
+# dQ. dkdv: iterates over queries with a key block holding dK and dV (two accumulators);
+# BLOCK_M = 64 there (BLOCK_M = 128 spilled 30-80 bytes at every D).
 _CURATED: dict[str, list[tuple[int, int, int, int]]] = {
     "fwd": [(128, 128, 3, 8), (128, 128, 2, 8), (128, 64, 3, 8), (128, 64, 3, 4), (64, 64, 4, 4)],
     "dq": [(128, 64, 3, 8), (128, 128, 2, 8), (64, 64, 3, 4), (64, 128, 3, 4)],
-    "dkdv": [(64, 128, 3, 8), (64, 128, 2, 8), (64, 64, 3, 4), (128, 64, 2, 8)],
+    "dkdv": [(64, 128, 3, 8), (64, 128, 2, 8), (64, 64, 3, 4), (64, 64, 4, 4)],
 }
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=1)
 _SMEM_LIMIT = 232448  # H100/H200: 227 KB of shared memory per block
 _ACC_REGS_LIMIT = 192  # fp32 tile registers per thread above which ptxas spilled (sm_90)
 
 
-def _configs(kind: str) -> list[triton.Config]:
-    if os.environ.get("DITPERF_ATTN_AUTOTUNE", "curated") == "full":
+def _configs(kind: str, mode: str) -> list[triton.Config]:
+    if mode == "full":
         space = list(itertools.product((64, 128), (64, 128), (2, 3, 4), (4, 8)))
     else:
         space = _CURATED[kind]
@@ -556,12 +567,50 @@ KERNEL_BODIES: dict[str, Any] = {"fwd": _fwd_kernel_body, "dq": _bwd_dq_kernel_b
                                  "dkdv": _bwd_dkdv_kernel_body}
 
 
-@functools.cache
-def _kernel(kind: str) -> Any:
+# Persist autotuning results on disk where this Triton supports it (3.4+): a second process
+# (e.g. the model benchmark after the attention one) reuses them instead of re-timing.
+_AUTOTUNE_EXTRA: dict[str, Any] = (
+    {"cache_results": True}
+    if "cache_results" in inspect.signature(triton.autotune).parameters else {})
+_KERNELS: dict[tuple[str, str], Any] = {}
+
+
+def _kernel(kind: str, mode: str) -> Any:
     """The autotuned kernel, built on first use: ``triton.autotune`` needs a GPU driver when
     it is applied (triton 3.3), so importing this module must not apply it."""
-    return autotune(_configs(kind), key=_AUTOTUNE_KEY, interpret_config=_INTERPRET_CONFIG,
-                    prune_configs_by={"early_config_prune": _prune(kind)})(KERNEL_BODIES[kind])
+    if (kind, mode) not in _KERNELS:
+        _KERNELS[kind, mode] = autotune(
+            _configs(kind, mode), key=_AUTOTUNE_KEY, interpret_config=_INTERPRET_CONFIG,
+            prune_configs_by={"early_config_prune": _prune(kind)}, **_AUTOTUNE_EXTRA,
+        )(KERNEL_BODIES[kind])
+    return _KERNELS[kind, mode]
+
+
+def _launch(kind: str, grid: Any, args: tuple[Any, ...], meta: dict[str, Any]) -> None:
+    """Launch one kernel kind under the current :data:`AUTOTUNE` mode."""
+    if INTERPRET:  # one fixed config (triton.heuristics), no timing
+        _kernel(kind, "curated")[grid](*args, **meta)
+        return
+    mode = AUTOTUNE
+    if mode not in ("curated", "full", "off"):
+        raise ValueError(f"ditperf attention: AUTOTUNE / DITPERF_ATTN_AUTOTUNE must be 'curated', "
+                         f"'full' or 'off', got {mode!r}")
+    if mode == "off":
+        body = KERNEL_BODIES[kind]
+        cfg = _prune(kind)(_configs(kind, "curated"), dict(zip(body.arg_names, args)), **meta)[0]
+        body[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return
+    _kernel(kind, mode)[grid](*args, **meta)
+
+
+def autotune_report() -> dict[str, dict[str, str]]:
+    """The configs the autotuner picked so far, per kernel kind and tuning key (GPU only)."""
+    report: dict[str, dict[str, str]] = {}
+    for (kind, _), tuned in _KERNELS.items():
+        cache = getattr(tuned, "cache", None)  # triton.autotune's {key: best config}
+        if cache:
+            report.setdefault(kind, {}).update({str(k): str(c) for k, c in cache.items()})
+    return report
 
 
 # ----------------------------------------------------------------------------------------
@@ -629,13 +678,11 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.
     def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
         return (triton.cdiv(nq, meta["BLOCK_M"]), h, b)
 
-    _kernel("fwd")[grid](
-        q, k, v, km, out, lse,
-        *_strides3(q), *_strides3(k), *_strides3(v), smb, smn, *_strides3(out),
-        h, nq, nk, scale * _LOG2E, _bucket(nq), _bucket(nk),
-        HAS_MASK=key_mask is not None, INTERPRET=INTERPRET, IEEE=q.dtype == torch.float32,
-        **_head_meta(d),
-    )
+    args = (q, k, v, km, out, lse,
+            *_strides3(q), *_strides3(k), *_strides3(v), smb, smn, *_strides3(out),
+            h, nq, nk, scale * _LOG2E, _bucket(nq), _bucket(nk))
+    _launch("fwd", grid, args, {"HAS_MASK": key_mask is not None, "INTERPRET": INTERPRET,
+                                "IEEE": q.dtype == torch.float32, **_head_meta(d)})
     return out, lse
 
 
@@ -661,19 +708,16 @@ def _backward(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Te
     def grid_k(meta: dict[str, Any]) -> tuple[int, int, int]:
         return (triton.cdiv(nk, meta["BLOCK_N"]), h, b)
 
-    _kernel("dq")[grid_q](
-        q, k, v, km, out, grad_out, dq, lse, glse, delta,
-        *_strides3(q), *_strides3(k), *_strides3(v), smb, smn, *_strides3(out),
-        *_strides3(grad_out),
-        *_strides3(dq), h, nq, nk, scale * _LOG2E, scale, _bucket(nq), _bucket(nk),
-        HAS_GLSE=grad_lse is not None, **common,
-    )
-    _kernel("dkdv")[grid_k](
-        q, k, v, km, grad_out, dk, dv, lse, delta,
-        *_strides3(q), *_strides3(k), *_strides3(v), smb, smn, *_strides3(grad_out),
-        *_strides3(dk), *_strides3(dv), h, nq, nk, scale * _LOG2E, scale, _bucket(nq), _bucket(nk),
-        **common,
-    )
+    dq_args = (q, k, v, km, out, grad_out, dq, lse, glse, delta,
+               *_strides3(q), *_strides3(k), *_strides3(v), smb, smn, *_strides3(out),
+               *_strides3(grad_out), *_strides3(dq),
+               h, nq, nk, scale * _LOG2E, scale, _bucket(nq), _bucket(nk))
+    _launch("dq", grid_q, dq_args, {"HAS_GLSE": grad_lse is not None, **common})
+    dkdv_args = (q, k, v, km, grad_out, dk, dv, lse, delta,
+                 *_strides3(q), *_strides3(k), *_strides3(v), smb, smn, *_strides3(grad_out),
+                 *_strides3(dk), *_strides3(dv),
+                 h, nq, nk, scale * _LOG2E, scale, _bucket(nq), _bucket(nk))
+    _launch("dkdv", grid_k, dkdv_args, common)
     return dq, dk, dv
 
 
@@ -730,8 +774,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: t
         return d ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float (default D**-0.5), got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
     return float(scale)
 
 
@@ -819,7 +863,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             device; any strides with a contiguous last dim. D: a multiple of 8 in [8, 128].
         key_mask: optional bool (B, Nk), True = real key. A query row with no real key
             returns zeros (and zero gradients), never NaN.
-        scale: softmax scale, default ``D**-0.5``.
+        scale: softmax scale (> 0), default ``D**-0.5``.
 
     Returns:
         (B, H, Nq, D), a view of a (B, Nq, H, D)-contiguous buffer (so
