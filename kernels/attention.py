@@ -596,11 +596,37 @@ def _launch(kind: str, grid: Any, args: tuple[Any, ...], meta: dict[str, Any]) -
         raise ValueError(f"ditperf attention: AUTOTUNE / DITPERF_ATTN_AUTOTUNE must be 'curated', "
                          f"'full' or 'off', got {mode!r}")
     if mode == "off":
-        body = KERNEL_BODIES[kind]
-        cfg = _prune(kind)(_configs(kind, "curated"), dict(zip(body.arg_names, args)), **meta)[0]
-        body[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _launch_untuned(kind, grid, args, meta)
         return
     _kernel(kind, mode)[grid](*args, **meta)
+
+
+_UNTUNED: dict[tuple[Any, ...], triton.Config] = {}
+
+
+def _launch_untuned(kind: str, grid: Any, args: tuple[Any, ...], meta: dict[str, Any]) -> None:
+    """The first curated config that passes the prune and compiles within the device's
+    resources (the smem estimate is calibrated on triton 3.3; a newer Triton may need a
+    little more): remembered per kernel kind, head-dim tiles, flags and dtype."""
+    body = KERNEL_BODIES[kind]
+    key = (kind, args[0].dtype, *sorted((k, v) for k, v in meta.items() if k != "HEAD_DIM"))
+    if key in _UNTUNED:
+        cfg = _UNTUNED[key]
+        body[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return
+    from triton.runtime.errors import OutOfResources
+
+    candidates = _prune(kind)(_configs(kind, "curated"), dict(zip(body.arg_names, args)), **meta)
+    for i, cfg in enumerate(candidates):
+        try:
+            body[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
+                       num_stages=cfg.num_stages)
+        except OutOfResources:
+            if i == len(candidates) - 1:
+                raise
+            continue
+        _UNTUNED[key] = cfg
+        return
 
 
 def autotune_report() -> dict[str, dict[str, str]]:
