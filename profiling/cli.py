@@ -176,6 +176,32 @@ def _power(args: argparse.Namespace) -> int:
         return _run_power(args, cmd)
 
 
+# Run CMD through a tiny exec wrapper that asks Linux to SIGTERM it if this process dies
+# (prctl PR_SET_PDEATHSIG survives exec): a runner that SIGKILLs `ditperf profile power` on
+# a timeout must not leave the profiled job running on the GPU. (Popen's preexec_fn would
+# do the same but is unsafe with the sampling thread running.)
+_PDEATHSIG_WRAPPER = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)\n"
+    "except Exception:\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(143)\n"
+    "try:\n"
+    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "except OSError as e:\n"
+    "    print(f'ditperf profile power: cannot run {sys.argv[2]}: {e.strerror}', file=sys.stderr)\n"
+    "    sys.exit(126)\n"
+)
+
+
+def _with_parent_death_signal(cmd: list[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-S", "-c", _PDEATHSIG_WRAPPER, str(os.getpid()), *cmd]
+
+
 def _run_power(args: argparse.Namespace, cmd: list[str]) -> int:
     import subprocess
 
@@ -210,16 +236,21 @@ def _run_power(args: argparse.Namespace, cmd: list[str]) -> int:
               f"running: {' '.join(cmd)}", file=sys.stderr, flush=True)
         mon.begin_window("command")
         try:
-            proc = subprocess.Popen(cmd, env=env)
+            proc = subprocess.Popen(_with_parent_death_signal(cmd), env=env)
         except OSError as exc:  # found by which() but cannot run (bad interpreter line...)
             mon.stop()
             raise _user_error(f"cannot run {cmd[0]}: {exc.strerror or exc}", 126) from None
-        while True:
-            try:
-                rc = proc.wait()
-                break
-            except KeyboardInterrupt:  # the child got the same SIGINT; wait for it to finish
-                interrupted = True
+        # SIGTERM to us (a time-boxed runner) goes to the command too; we still write the report
+        previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+        try:
+            while True:
+                try:
+                    rc = proc.wait()
+                    break
+                except KeyboardInterrupt:  # the child got the same SIGINT; wait for it to finish
+                    interrupted = True
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         mon.end_window("command")
         spans, mark_warnings = read_marks(marks_path)
         for name, t0, t1, items, flops in spans:

@@ -122,3 +122,58 @@ def test_gpu_subcommands_say_they_need_a_gpu(sub, capsys):
 def test_profile_without_subcommand_prints_help(capsys):
     assert main(["profile"]) == 2
     assert "ditperf profile power" in capsys.readouterr().out
+
+
+def _start_profiled_sleeper(replay, tmp_path, pidfile):
+    """`ditperf profile power -- python -c <write pid, sleep>` in its own process; returns
+    (Popen of ditperf, pid of the profiled command)."""
+    import time
+
+    child = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    # output to files, not pipes: an orphaned command would hold pipes open
+    log = (tmp_path / "log.txt").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "ditperf.cli", "profile", "power", "--idle-seconds", "0.05",
+                             "--no-png", "--out", str(tmp_path / "o"), "--", sys.executable, "-c", child],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "log.txt").read_text()
+        time.sleep(0.05)
+    return proc, int(pidfile.read_text())
+
+
+def _gone(pid: int, wait_s: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_sigterm_is_forwarded_and_report_still_written(replay, tmp_path):
+    import signal
+
+    proc, child_pid = _start_profiled_sleeper(replay, tmp_path, tmp_path / "pid")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, (tmp_path / "log.txt").read_text()
+    assert _gone(child_pid)
+    assert json.loads((tmp_path / "o" / "power.json").read_text())["exit_code"] == 128 + signal.SIGTERM
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_killed_profiler_does_not_leave_the_command_running(replay, tmp_path):
+    import signal
+
+    proc, child_pid = _start_profiled_sleeper(replay, tmp_path, tmp_path / "pid")
+    proc.send_signal(signal.SIGKILL)  # what subprocess.run(timeout=...) does to us
+    proc.wait(timeout=60)
+    gone = _gone(child_pid)
+    if not gone:
+        os.kill(child_pid, signal.SIGKILL)
+    assert gone, "the profiled command outlived a SIGKILLed `ditperf profile power`"
