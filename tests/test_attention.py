@@ -25,6 +25,14 @@ pytestmark = pytest.mark.filterwarnings(
 
 attn_mod = importlib.import_module("ditperf.kernels.attention")  # the module, not the function
 
+@pytest.fixture(autouse=True)
+def _no_autotune(monkeypatch):
+    """On a GPU, launch one fitting config per kernel instead of autotuning: every new tuning
+    key costs about a dozen compilations, which a test run cannot afford per shape (no effect
+    under the interpreter, which always uses one fixed config)."""
+    monkeypatch.setattr(attn_mod, "AUTOTUNE", "off")
+
+
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 NAMES = ("out", "dq", "dk", "dv")
 
@@ -315,13 +323,8 @@ def test_bigger_shapes(shape, dtype, mask_p, device):
 
 @pytest.mark.gpu
 class TestGPU:
-    """Real DiT shapes on CUDA (compiled kernels). Autotuning is off (one config per kernel,
-    compile time only) except in ``test_dit_shapes_autotuned``: every autotuned key costs
-    a dozen compilations, which the shared GPU-test time box cannot afford per test."""
-
-    @pytest.fixture(autouse=True)
-    def _no_autotune(self, monkeypatch):
-        monkeypatch.setattr(attn_mod, "AUTOTUNE", "off")
+    """Real DiT shapes on CUDA (compiled kernels). Autotuning is off (module fixture) except
+    in ``test_dit_shapes_autotuned``."""
 
     @pytest.mark.parametrize("shape", [(2, 16, 1024, 1024, 72), (1, 16, 4096, 4096, 128)])
     def test_dit_shapes_autotuned(self, shape, device, monkeypatch):
