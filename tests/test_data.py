@@ -96,6 +96,17 @@ def test_edit_masks_seeded_by_seed_epoch_sample(tiny_ds: Path) -> None:
             assert 0 < mask.sum() < mask.numel()
 
 
+def test_remote_dataset_through_local_cache(tiny_ds: Path, tmp_path: Path) -> None:
+    """data.remote (here a path; s3://, gs://... work the same) + data.local as the cache."""
+    cache = tmp_path / "cache"
+    ds = D.build_dataset(cache, remote=str(tiny_ds), batch_size=4, shuffle=True, shuffle_seed=5)
+    ids = [b["sample_ids"].tolist() for b in D.build_dataloader(ds, batch_size=4, num_workers=0)]
+    assert ids == [x["sample_ids"].tolist() for x in _epoch_ids(tiny_ds, workers=0)]
+    assert (cache / D.SCHEMA_FILE).is_file() and list((cache / "8x12").glob("shard.*.mds"))
+    with pytest.raises(D.DataError, match="cannot fetch the dataset schema"):
+        D.build_dataset(tmp_path / "c2", remote=str(tmp_path / "nowhere"), batch_size=4)
+
+
 def test_corrupt_shard_hash_mismatch_names_file(tiny_ds: Path, tmp_path: Path) -> None:
     root = copy_ds(tiny_ds, tmp_path / "ds")
     shard = _shards(root)[0]

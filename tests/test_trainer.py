@@ -121,12 +121,18 @@ def test_cli_train_errors_are_one_line(tiny_data: Path, tmp_path: Path, capsys: 
 # ----------------------------------------------------------------------------- training
 
 
-def test_train_tiny_cpu_4ba_writes_composer_checkpoints(tiny_data: Path, tmp_path: Path,
+def test_train_tiny_cpu_4ba_writes_composer_checkpoints(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     from ditperf.cli.main import main
+    from ditperf.profiling.readers import REPLAY_ENV, synthetic_trace, write_replay
 
+    # the power hook, fed by a replayed NVML trace (no GPU here)
+    info, samples = synthetic_trace(lambda t: 400.0, 120.0, update_period_s=0.005, limit_w=700.0)
+    monkeypatch.setenv(REPLAY_ENV, str(write_replay(tmp_path / "replay.json", [(info, samples)])))
+    monkeypatch.setenv("DITPERF_CACHE_DIR", str(tmp_path / "cache"))
     rc = main(["train", "tiny-cpu", f"data.local={tiny_data}", "max_duration=4ba", "global_train_batch_size=4",
-               f"save_folder={tmp_path / 'ck'}", "save_interval=2ba", "model.backend=torch", *QUIET])
+               f"save_folder={tmp_path / 'ck'}", "save_interval=2ba", "model.backend=torch",
+               "callbacks.power.enabled=true", "callbacks.power.log_interval=2", *QUIET])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "done: 4 batches, 16 samples" in out
@@ -138,6 +144,8 @@ def test_train_tiny_cpu_4ba_writes_composer_checkpoints(tiny_data: Path, tmp_pat
     state = _ckpt(tmp_path / "ck" / "ep0-ba4-rank0.pt")
     assert state["timestamp"]["Timestamp"]["batch"] == 4 and state["dataset_state"]["train"]["sample_in_epoch"] == 16
     assert set(_ema(state)) == set(state["model"])  # EMA of every parameter is checkpointed
+    assert summary["power"] is not None and summary["power"]["items"] == 16
+    assert (tmp_path / "ck" / "power" / "power.json").is_file()
 
 
 def test_exact_resume_in_new_process_is_bit_identical(tiny_data: Path, tmp_path: Path) -> None:
@@ -211,3 +219,19 @@ def test_ddp_two_ranks_gloo_identical_params(tiny_data: Path, tmp_path: Path) ->
     assert len(ids0) == len(ids1) == 12 and not set(ids0[:8]) & set(ids1[:8])  # ranks read different samples
     state = _ckpt(tmp_path / "latest-rank0.pt")  # 2 global batches per epoch: ep1-ba3
     assert state["timestamp"]["Timestamp"]["batch"] == 3 and state["timestamp"]["Timestamp"]["sample"] == 24
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpu_bf16_run_reports_mfu(tiny_data: Path, tmp_path: Path, backend: str) -> None:
+    """On a GPU: amp_bf16 autocast, SpeedMonitor MFU (analytic FLOPs / Composer's GPU peak),
+    MemoryMonitor, both backends."""
+    summary = _train([f"data.local={tiny_data}", "max_duration=8ba", "global_train_batch_size=4",
+                      f"model.backend={backend}", "callbacks.speed_monitor.window_size=3",
+                      f"save_folder={tmp_path}", "save_interval=8ba", "callbacks.power.enabled=false"])
+    assert summary["device"] == "gpu" and summary["precision"] == "amp_bf16" and summary["backend"] == backend
+    assert summary["batches"] == 8 and torch.isfinite(torch.tensor(summary["loss_last"]))
+    assert summary["img_per_s_last"] and summary["img_per_s_last"] > 0
+    assert summary["mfu_last"] is not None and 0 < summary["mfu_last"] < 1
+    trainer = summary["_trainer"]
+    assert any(type(cb).__name__ == "MemoryMonitor" for cb in trainer.state.callbacks)

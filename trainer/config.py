@@ -87,7 +87,9 @@ DEFAULTS: dict[str, Any] = {
         "speed_monitor": {"enabled": True, "window_size": 10, "gpu_flops_available": None},
         "lr_monitor": True,
         "memory_monitor": "auto",  # auto = on a GPU
-        "power": {"enabled": "auto", "interval_s": 0.05, "log_interval": 10},  # auto = on a GPU
+        # NVML power (ditperf.profiling.PowerCallback); auto = on a GPU; report in out_dir
+        # (default <save_folder>/power)
+        "power": {"enabled": "auto", "interval_s": 0.05, "log_interval": 10, "out_dir": None},
     },
     "parallelism_config": None,
     "debug": {

@@ -563,8 +563,10 @@ def _make_dataset_class() -> type:
         """``StreamingDataset`` over ditperf buckets: adds ``sample_id`` (and edit masks) to
         each sample, and reads mapped raw shards directly when no cache limit is set."""
 
-        def __init__(self, *, columns: Sequence[str], edit: _Edit | None = None, **kwargs: Any) -> None:
+        def __init__(self, *, columns: Sequence[str], edit: _Edit | None = None, fast_read: bool = True,
+                     **kwargs: Any) -> None:
             super().__init__(**kwargs)
+            self._ditperf_fast = fast_read
             self._ditperf_columns = set(columns)
             self._ditperf_edit = edit
             self._ditperf_epoch = 0
@@ -583,7 +585,7 @@ def _make_dataset_class() -> type:
             return epoch, sample_in_epoch
 
         def _fast(self, sample_id: int) -> dict[str, Any] | None:
-            if self.cache_limit:
+            if self.cache_limit or not self._ditperf_fast:
                 return None  # the cache may evict shards: keep Streaming's own reader
             shard_id, idx = self.spanner[sample_id]
             mapped = self._ditperf_maps.get(shard_id)
@@ -631,13 +633,14 @@ def read_columns(schema: DatasetSchema) -> list[str]:
 def build_dataset(local: str | Path, *, batch_size: int, remote: str | None = None, shuffle: bool = True,
                   shuffle_seed: int = 9176, schema: DatasetSchema | None = None,
                   edit_task: str | None = None, edit_seed: int = 0,
-                  columns: Sequence[str] | None = None, **streaming_kwargs: Any) -> Any:
+                  columns: Sequence[str] | None = None, fast_read: bool = True, **streaming_kwargs: Any) -> Any:
     """A fresh :class:`LatentDataset` over every bucket of the dataset.
 
     ``local`` is the dataset folder, or with ``remote`` (any Streaming remote: s3://, gs://,
     a path...) the local cache folder. ``batch_size`` is the per-device batch size (Streaming
     partitions by it; the DataLoader must use the same). Build a new one for every DataLoader
-    that uses worker processes.
+    that uses worker processes. ``fast_read=False`` reads through Streaming's own per-sample
+    reader instead of the memory-mapped shards (same values; for benchmarks).
     """
     from streaming import Stream
 
@@ -651,17 +654,21 @@ def build_dataset(local: str | Path, *, batch_size: int, remote: str | None = No
     cls = dataset_class()
     return cls(streams=streams, batch_size=batch_size, shuffle=shuffle, shuffle_seed=shuffle_seed,
                batching_method="per_stream", validate_hash=HASH, columns=columns or read_columns(schema),
-               edit=edit, **streaming_kwargs)
+               edit=edit, fast_read=fast_read, **streaming_kwargs)
 
 
 def _load_schema(local: str | Path, remote: str | None) -> DatasetSchema:
     if remote is None or Path(local, SCHEMA_FILE).is_file():
         return DatasetSchema.load(local)
     # remote dataset: fetch the schema file into the local cache with Streaming's downloader
-    from streaming.base.storage import download_file
+    from streaming.base.storage import CloudDownloader
 
     Path(local).mkdir(parents=True, exist_ok=True)
-    download_file(f"{remote.rstrip('/')}/{SCHEMA_FILE}", str(Path(local) / SCHEMA_FILE), 60)
+    url = f"{remote.rstrip('/')}/{SCHEMA_FILE}"
+    try:
+        CloudDownloader.get(remote).download(url, str(Path(local) / SCHEMA_FILE), 60)
+    except Exception as exc:  # noqa: BLE001 - any storage backend error: say which file
+        raise DataError(f"cannot fetch the dataset schema {url} ({type(exc).__name__}: {exc})") from exc
     return DatasetSchema.load(local)
 
 

@@ -141,7 +141,10 @@ def build_callbacks(cfg: dict[str, Any], device: str) -> list[Any]:
             warnings.warn(f"callbacks.power: ditperf.profiling.PowerCallback is not available ({exc}); "
                           "training without power logging", stacklevel=2)
         else:
-            cbs.append(PowerCallback(interval_s=float(power["interval_s"]), log_interval=int(power["log_interval"])))
+            out_dir = power.get("out_dir") or (str(Path(cfg["save_folder"]) / "power") if cfg["save_folder"] else None)
+            kwargs = {"out_dir": out_dir} if out_dir else {}
+            cbs.append(PowerCallback(interval_s=float(power["interval_s"]), log_interval=int(power["log_interval"]),
+                                     **kwargs))
     if cfg.get("stop_at"):
         cbs.append(_make_stop_at(str(cfg["stop_at"])))
     return cbs
@@ -252,7 +255,10 @@ def summarize(trainer: Any, info: dict[str, Any], cfg: dict[str, Any]) -> dict[s
         return sorted(xs)[len(xs) // 2] if xs else None
 
     state = trainer.state
+    power = next((cb for cb in state.callbacks if type(cb).__name__ == "PowerCallback"), None)
+    power_summary = getattr(power, "fit_summary", None) if power is not None else None
     return {
+        "power": power_summary,
         "run_name": state.run_name, "config": cfg.get("_source"), "model": info["model"], "params": info["params"],
         "backend": info["backend"], "device": info["device"], "precision": info["precision"],
         "gpu": torch.cuda.get_device_name() if info["device"] == "gpu" else None,
@@ -341,7 +347,7 @@ def _train(cfg: dict[str, Any]) -> dict[str, Any]:
         _print_summary(summary)
         if summary_file:
             Path(summary_file).parent.mkdir(parents=True, exist_ok=True)
-            Path(summary_file).write_text(json.dumps(summary, indent=2))
+            Path(summary_file).write_text(json.dumps(summary, indent=2, default=str))
             print(f"summary: {summary_file}", flush=True)
     trainer.close()
     summary["_trainer"] = trainer
