@@ -66,11 +66,16 @@ configurations (syncs) and cannot run inside a capture. The op is an opaque
 implementations, so ``torch.compile(fullgraph=True)`` keeps it as one node.
 
 Autotuning (GPU only; one fixed 128x128 config under the interpreter): BLOCK_M/BLOCK_N in
-{64, 128}, num_stages 2-4, num_warps 4/8, keyed on the head-dim tiles, the mask flag and the
-sequence lengths rounded up to a power of two (odd lengths do not retune). By default a
-curated subset of that space is timed per kernel (compile time on the GPU matters: each
-config is a separate compilation); ``DITPERF_ATTN_AUTOTUNE=full`` times the whole space.
-Configs that cannot fit shared memory are pruned before compiling.
+{64, 128}, num_stages 2-4, num_warps 4/8, keyed on D, the split and mask flags, the dtype and
+the sequence lengths rounded up to a power of two (odd lengths do not retune). See
+:data:`AUTOTUNE`: by default a curated subset of that space is timed per kernel (each
+config is a separate compilation, ~1-5 s); "full" times the whole space; "off" launches the
+first curated config that fits (tests). Configs whose estimated shared memory or register
+footprint does not fit an H100 are pruned before compiling. Where Triton supports it
+(``cache_results``), tuning results persist on disk across processes.
+
+Note: ``ditperf.kernels.attention`` is the *function* (the package re-exports it); reach
+this module with ``importlib.import_module("ditperf.kernels.attention")``.
 """
 
 from __future__ import annotations
@@ -672,8 +677,8 @@ def _head_meta(d: int) -> dict[str, Any]:
             "MASK_D0": d < d0, "MASK_D1": d1 > 0 and d < d0 + d1}
 
 
-def _mask_args(key_mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, int,
-               int]:
+def _mask_args(key_mask: torch.Tensor | None,
+               fallback: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     if key_mask is None:
         return fallback, 0, 0
     km = key_mask.view(torch.uint8)  # same bytes as bool; loaded and compared != 0
@@ -776,22 +781,22 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: t
         raise ValueError(f"k and v must have the same number of keys, got k {tuple(k.shape)} and "
                          f"v {tuple(v.shape)}")
     if d % 8 != 0 or not _MIN_D <= d <= _MAX_D:
-        pad = min(_MAX_D, -(-d // 8) * 8)
+        pad = min(_MAX_D, max(_MIN_D, -(-d // 8) * 8))
         hint = (f"pad q, k, v with zeros to D={pad} "
                 f"(torch.nn.functional.pad(x, (0, {pad - d}))), pass "
                 f"scale={d}**-0.5 explicitly and slice out[..., :{d}]" if d < _MAX_D else
                 "split the heads (more heads of a smaller head dim)")
         raise ValueError(f"head dim D={d} is not supported: ditperf.attention needs D a "
-                         "multiple of 8 "
-                         f"in [{_MIN_D}, {_MAX_D}]; {hint}")
+                         f"multiple of 8 in [{_MIN_D}, {_MAX_D}]; {hint}")
     if key_mask is not None:
         check_tensor("key_mask", key_mask, dtype=None, last_dim_contiguous=False)
         if key_mask.dtype != torch.bool:
             raise TypeError(f"key_mask has dtype {key_mask.dtype}; expected torch.bool "
                             "(True = real key)")
         check_tensor("key_mask", key_mask, shape=(b, k.shape[2]), last_dim_contiguous=False)
-    tensors = [("q", q), ("k", k),
-               ("v", v)] + ([("key_mask", key_mask)] if key_mask is not None else [])
+    tensors = [("q", q), ("k", k), ("v", v)]
+    if key_mask is not None:
+        tensors.append(("key_mask", key_mask))
     devices = {t.device for _, t in tensors}
     if len(devices) != 1:
         listing = ", ".join(f"{n} on {t.device}" for n, t in tensors)
@@ -866,8 +871,8 @@ def _autograd_backward(ctx: Any, grad_out: torch.Tensor | None, grad_lse: torch.
     grad_out = torch.zeros_like(out) if grad_out is None else _dense_last_dim(grad_out)
     if grad_lse is not None:
         grad_lse = grad_lse.contiguous()
-    dq, dk, dv = torch.ops.ditperf.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, key_mask,
-                                                 ctx.scale)
+    dq, dk, dv = torch.ops.ditperf.attention_bwd(
+        grad_out, grad_lse, q, k, v, out, lse, key_mask, ctx.scale)
     return dq, dk, dv, None, None
 
 

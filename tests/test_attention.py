@@ -254,54 +254,42 @@ def test_torch_compile_fullgraph(device):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
 
 
-def _t(*shape, dtype=torch.float32, device="cpu"):
-    return torch.randn(*shape, dtype=dtype, device=device)
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
 
 
+def _qkv(q=(1, 2, 8, 32), k=None, v=None):
+    """q, k, v of the given shapes (k defaults to q's shape, v to k's)."""
+    k = k or q
+    return _t(*q), _t(*k), _t(*(v or k))
+
+
+_MASK = {"key_mask": torch.ones(1, 9, dtype=torch.bool)}
 BAD = [
-    pytest.param(lambda: (_t(1, 2, 8, 32), _t(2, 2, 8, 32), _t(2, 2, 8, 32)), {}, ValueError,
-                 "batch and heads",
-                 id="batch-mismatch"),
-    pytest.param(lambda: (_t(1, 2, 8, 32), _t(1, 3, 8, 32), _t(1, 3, 8, 32)), {}, ValueError,
-                 "batch and heads",
-                 id="heads-mismatch"),
-    pytest.param(lambda: (_t(1, 2, 8, 32), _t(1, 2, 8, 40), _t(1, 2, 8, 40)), {}, ValueError,
-                 "head dim",
-                 id="d-mismatch"),
-    pytest.param(lambda: (_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 9, 32)), {}, ValueError,
-                 "same number of keys",
-                 id="nk-mismatch"),
-    pytest.param(lambda: (_t(1, 2, 8, 60), _t(1, 2, 8, 60), _t(1, 2, 8, 60)), {}, ValueError,
-                 "multiple of 8.*pad",
-                 id="d-not-multiple-of-8"),
-    pytest.param(lambda: (_t(1, 2, 8, 136), _t(1, 2, 8, 136), _t(1, 2, 8, 136)), {}, ValueError,
-                 r"multiple of 8 in \[8, 128\]", id="d-too-large"),
-    pytest.param(lambda: (_t(2, 8, 32), _t(2, 8, 32), _t(2, 8, 32)), {}, ValueError, "4-D",
-                 id="3d"),
+    pytest.param(lambda: _qkv(k=(2, 2, 8, 32)), {}, ValueError, "batch and heads", id="batch"),
+    pytest.param(lambda: _qkv(k=(1, 3, 8, 32)), {}, ValueError, "batch and heads", id="heads"),
+    pytest.param(lambda: _qkv(k=(1, 2, 8, 40)), {}, ValueError, "head dim", id="d-mismatch"),
+    pytest.param(lambda: _qkv(v=(1, 2, 9, 32)), {}, ValueError, "same number of keys", id="nk"),
+    pytest.param(lambda: _qkv((1, 2, 8, 60)), {}, ValueError, "multiple of 8.*pad", id="d60"),
+    pytest.param(lambda: _qkv((1, 2, 8, 136)), {}, ValueError, r"multiple of 8 in \[8, 128\]",
+                 id="d136"),
+    pytest.param(lambda: _qkv((2, 8, 32)), {}, ValueError, "4-D", id="3d"),
     pytest.param(lambda: (_t(1, 2, 8, 32), _t(1, 2, 8, 32, dtype=torch.float16), _t(1, 2, 8, 32)),
-                 {}, TypeError,
-                 "share one dtype", id="dtype-mix"),
+                 {}, TypeError, "share one dtype", id="dtype-mix"),
     pytest.param(lambda: (_t(1, 2, 8, 32, dtype=torch.float64),) * 3, {}, TypeError, "float64",
                  id="float64"),
-    pytest.param(lambda: (_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32)),
-                 {"key_mask": torch.ones(1, 9, dtype=torch.bool)}, ValueError, "key_mask has shape",
-                 id="mask-shape"),
-    pytest.param(lambda: (_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32)),
-                 {"key_mask": torch.ones(1, 8)}, TypeError, "key_mask has dtype", id="mask-dtype"),
+    pytest.param(_qkv, _MASK, ValueError, "key_mask has shape", id="mask-shape"),
+    pytest.param(_qkv, {"key_mask": torch.ones(1, 8)}, TypeError, "key_mask has dtype",
+                 id="mask-dtype"),
     pytest.param(lambda: (_t(1, 2, 8, 32), _t(1, 2, 8, 32).to("meta"), _t(1, 2, 8, 32)), {},
-                 ValueError,
-                 "one device", id="devices"),
-    pytest.param(lambda: (_t(1, 2, 8, 32).transpose(-1, -2).contiguous().transpose(-1, -2),) * 3,
-                 {}, ValueError,
+                 ValueError, "one device", id="devices"),
+    pytest.param(lambda: (_t(1, 2, 32, 8).transpose(-1, -2),) * 3, {}, ValueError,
                  "contiguous last dimension", id="last-dim-strided"),
-    pytest.param(lambda: (_t(1, 2, 8, 32),) * 3, {"scale": float("nan")}, ValueError, "finite",
-                 id="scale-nan"),
-    pytest.param(lambda: (_t(1, 2, 8, 32),) * 3, {"scale": -0.1}, ValueError, "positive",
-                 id="scale-negative"),
-    pytest.param(lambda: (_t(1, 2, 8, 32),) * 3, {"scale": torch.tensor(0.5)}, TypeError, "scale",
-                 id="scale-tensor"),
-    pytest.param(lambda: ([[1.0]], _t(1, 2, 8, 32), _t(1, 2, 8, 32)), {}, TypeError, "torch.Tensor",
-                 id="not-a-tensor"),
+    pytest.param(_qkv, {"scale": float("nan")}, ValueError, "finite", id="scale-nan"),
+    pytest.param(_qkv, {"scale": -0.1}, ValueError, "positive", id="scale-negative"),
+    pytest.param(_qkv, {"scale": torch.tensor(0.5)}, TypeError, "scale", id="scale-tensor"),
+    pytest.param(lambda: ([[1.0]], _t(1, 2, 8, 32), _t(1, 2, 8, 32)), {}, TypeError,
+                 "torch.Tensor", id="not-a-tensor"),
 ]
 
 
@@ -375,8 +363,8 @@ class TestGPU:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             g_out, g_lse = torch.ops.ditperf.attention(q, k, v, mask, scale)
-            g_dq, g_dk, g_dv = torch.ops.ditperf.attention_bwd(g, None, q, k, v, g_out, g_lse, mask,
-                                                               scale)
+            g_dq, g_dk, g_dv = torch.ops.ditperf.attention_bwd(
+                g, None, q, k, v, g_out, g_lse, mask, scale)
         for _ in range(2):  # new inputs in the static buffers, replay, compare with eager
             for t in (q, k, v, g):
                 t.copy_(torch.randn_like(t))
