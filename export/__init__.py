@@ -41,7 +41,7 @@ _LAZY = {
     "TensorRTUnavailable": "engine",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted(_LAZY)  # noqa: PLE0605
 
 
 def __getattr__(name: str) -> Any:

@@ -43,7 +43,8 @@ def _batch(text: str) -> int | str:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'dynamic', got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or 'dynamic', got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
@@ -112,9 +113,8 @@ def _run_check(args: argparse.Namespace) -> int:
 
 
 def _cast_around(specs: list[str]) -> list[tuple[str, int]]:
-    from onnx import TensorProto
-
     from ditperf.export.onnx_io import OnnxInputError
+    from onnx import TensorProto
 
     types = {"bf16": TensorProto.BFLOAT16, "fp16": TensorProto.FLOAT16,
              "fp64": TensorProto.DOUBLE}
@@ -129,7 +129,13 @@ def _cast_around(specs: list[str]) -> list[tuple[str, int]]:
 
 
 def _run_surgery(args: argparse.Namespace) -> int:
-    from ditperf.export.onnx_io import OnnxInputError, external_data_files, load_model, save_model
+    from ditperf.export.onnx_io import (
+        OnnxInputError,
+        external_data_files,
+        load_model,
+        model_nbytes,
+        save_model,
+    )
     from ditperf.export.surgery import (
         DEFAULT_PASSES,
         PluginSpec,
@@ -157,18 +163,26 @@ def _run_surgery(args: argparse.Namespace) -> int:
     except Exception as exc:
         raise OnnxInputError(f"the result fails onnx.checker: {str(exc).splitlines()[0]}") \
             from exc
+    big = model_nbytes(model) > 2**31
+    n_nodes = len(new.graph.node)
+    opset = next(i.version for i in new.opset_import if i.domain in ("", "ai.onnx"))
+    del model
+    path = save_model(new, args.output, external_data=True if had_external or big else None,
+                      keep_in_memory=False)
+    del new
     verify = None
-    if not args.no_verify:
+    if args.no_verify or (big and not args.verify):
+        if big and not args.no_verify:
+            print("onnxruntime check skipped: the model is over 2 GiB (onnxruntime would hold "
+                  "both copies); pass --verify to force it")
+    else:
         try:
-            verify = verify_numerics(model, new)
+            verify = verify_numerics(args.input, path)
             print(f"onnxruntime check (random inputs): max abs diff {verify['max_abs']:.3g}, "
                   f"max rel {verify['max_rel']:.3g}")
         except OnnxInputError as exc:
             print(f"onnxruntime check skipped: {exc}")
-    path = save_model(new, args.output, external_data=True if had_external else None,
-                      keep_in_memory=False)
-    print(f"wrote {path} ({len(new.graph.node)} nodes, opset "
-          f"{next(i.version for i in new.opset_import if i.domain in ('', 'ai.onnx'))})")
+    print(f"wrote {path} ({n_nodes} nodes, opset {opset})")
     _write_json(args.json, {"schema": "ditperf.surgery/1", "input": args.input,
                             "output": str(path), "passes": [r.to_dict() for r in reports],
                             "verify": verify})
@@ -291,7 +305,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--cast-around", action="append", default=[], metavar="OP:TYPE",
                    help="compute OP in fp32 when its tensors are TYPE (bf16, fp16, fp64); "
                    "repeatable; default: from the TensorRT matrix + BF16 Resize")
-    s.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    ver = s.add_mutually_exclusive_group()
+    ver.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    ver.add_argument("--verify", action="store_true",
+                     help="compare with onnxruntime even above 2 GiB (skipped there by default)")
     s.add_argument("--json", help="write the pass reports as JSON")
     s.set_defaults(func=_user_error(_run_surgery))
 

@@ -52,9 +52,7 @@ from importlib import resources
 from pathlib import Path
 
 import onnx
-from onnx import TensorProto
-
-from ditperf.export.onnx_io import OnnxInputError, default_opset, dtype_name, iter_nodes
+from ditperf.export.onnx_io import OnnxInputError, default_opset, dtype_name
 
 SCHEMA = "ditperf.coverage/1"
 DEFAULT_DOMAINS = ("", "ai.onnx")

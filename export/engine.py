@@ -26,7 +26,8 @@ from typing import Any
 from ditperf.export.onnx_io import OnnxInputError, load_model
 
 INSTALL_HINT = ("TensorRT is not installed: on a machine with an NVIDIA GPU run "
-                "`pip install 'ditperf[trt]'` (TensorRT wheels do not install on CPU-only machines)")
+                "`pip install 'ditperf[trt]'` (TensorRT wheels do not install on CPU-only "
+                "machines)")
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -202,7 +203,6 @@ def time_against_torch(onnx_path: str | os.PathLike, plan_path: str | os.PathLik
     """Median ms of the TensorRT engine, the eager PyTorch model and ``torch.compile`` of it,
     on the same inputs; plus max |trt - eager| / max |eager|."""
     import torch
-
     from ditperf.export.onnx_export import build_model, example_inputs, read_metadata
     from ditperf.profiling import time_ms
 
@@ -220,12 +220,13 @@ def time_against_torch(onnx_path: str | os.PathLike, plan_path: str | os.PathLik
     args = tuple(a.cuda() for a in example_inputs(model, batch, sizes | {"dtype": meta.get(
         "dtype", "fp32")}, seed=7))
     runner = TrtRunner(plan_path)
-    feeds = dict(zip(model.input_names, args))
+    feeds = dict(zip(model.input_names, args, strict=True))
     timings = {}
     with torch.inference_mode():
         ref = model(*args)
         got = next(iter(runner(feeds).values()))
-        err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+        scale = ref.float().abs().max().clamp_min(1e-12)
+        err = float((got.float() - ref.float()).abs().max() / scale)
         log("timing TensorRT ...")
         timings["tensorrt"] = time_ms(lambda: runner(feeds))
         log(f"timing PyTorch eager ({model.backend} backend) ...")

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -174,7 +175,6 @@ def build_model(preset: str, *, ckpt: str | None = None, backend: str = "torch",
                 dtype: str = "fp32", seed: int = 0):
     """The DiT ``preset`` in eval mode with checkpoint or seeded random weights."""
     import torch
-
     from ditperf.model import DiT
 
     torch.manual_seed(seed)
@@ -214,7 +214,7 @@ def _quiet_export(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     finally:
-        for lg, lv in zip(loggers, levels):
+        for lg, lv in zip(loggers, levels, strict=True):
             lg.setLevel(lv)
 
 
@@ -263,10 +263,12 @@ def export_onnx(spec: ExportSpec, *, log: Callable[[str], None] = print,
     """Export ``spec.preset`` to ``spec.out`` (see the module docstring)."""
     import onnx
     import torch
-
-    from ditperf.export.translations import translation_table
+    from ditperf.export.onnx_io import require
 
     _validate(spec)
+    require("onnxscript", "ONNX export (torch.onnx.export with dynamo=True)")
+    from ditperf.export.translations import translation_table
+
     t0 = time.perf_counter()
     if model is None:
         log(f"building {spec.preset} ({spec.backend} backend, {spec.dtype}, "
@@ -287,9 +289,9 @@ def export_onnx(spec: ExportSpec, *, log: Callable[[str], None] = print,
     table = translation_table(export_opset, spec.attention)
     log(f"exporting with torch.onnx.export(dynamo=True, opset {export_opset}"
         f"{', dynamic batch' if dynamic else f', batch {batch}'}) ...")
-    kwargs = dict(dynamo=True, opset_version=export_opset, custom_translation_table=table,
-                  input_names=list(model.input_names), output_names=list(model.output_names),
-                  verbose=False, optimize=True)
+    kwargs = {"dynamo": True, "opset_version": export_opset, "custom_translation_table": table,
+              "input_names": list(model.input_names),
+              "output_names": list(model.output_names), "verbose": False, "optimize": True}
     if dynamic:
         kwargs["dynamic_shapes"] = _dynamic_shapes(model, args)
     try:
@@ -335,7 +337,7 @@ def export_onnx(spec: ExportSpec, *, log: Callable[[str], None] = print,
         try:
             result.check = check_against_torch(
                 out, model, meta={k[len(META_PREFIX):]: v for k, v in meta.items()},
-                batch=3 if dynamic else batch, seed=spec.seed + 1)
+                batch=3 if dynamic else batch, seed=spec.seed + 1, log=log)
         except OnnxInputError as exc:
             if spec.check or spec.dtype == "fp32":
                 raise
@@ -361,23 +363,51 @@ def _to_numpy(t) -> Any:
     return t.detach().cpu().numpy()
 
 
+#: Above this many parameters a Triton-backend reference is not run under the CPU
+#: interpreter (minutes per forward): the torch backend is the reference instead.
+INTERPRETER_MAX_PARAMS = 20_000_000
+
+
+def _reference_model(model, log: Callable[[str], None]):
+    """(model, device, description): the GPU when present; on CPU the Triton backend only
+    for small models (the interpreter is slow), else the torch backend (same weights)."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n = sum(p.numel() for p in model.parameters())
+    if device.type == "cpu" and model.backend == "triton" and n > INTERPRETER_MAX_PARAMS:
+        log(f"reference: torch backend ({n / 1e6:.0f}M params are too slow for the Triton "
+            "interpreter on CPU)")
+        model.set_backend("torch")
+    return model.to(device), device
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """fp32 means fp32 for the reference: cuDNN convolutions default to TF32 on Ampere+."""
+    import torch
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def check_against_torch(path: str | os.PathLike, model, *, meta: dict[str, str],
-                        batch: int | None = None, seed: int = 1) -> dict:
+                        batch: int | None = None, seed: int = 1,
+                        log: Callable[[str], None] = lambda _m: None) -> dict:
     """onnxruntime (CPU) vs ``model`` on the same random inputs: max abs/rel error.
 
     ``batch`` defaults to the exported batch (2 for a dynamic batch, whose graph is then
-    checked at 3 by the export command: a different size than the traced one)."""
+    checked at 3 by the export command: a different size than the traced one). The PyTorch
+    reference runs on the GPU when there is one."""
     import torch
-
     from ditperf.export.onnx_io import ort_session
 
     if batch is None:
         batch = 2 if meta.get("batch", "1") == "dynamic" else int(meta.get("batch", "1"))
-    args = example_inputs(model, batch, {k: _maybe_int(meta.get(k)) for k in
-                                         ("height", "width", "text_len")} |
-                          {"dtype": meta.get("dtype", "fp32")}, seed=seed)
-    with torch.no_grad():
-        ref = model(*args)
     try:
         sess = ort_session(path)
     except OnnxInputError:
@@ -393,12 +423,18 @@ def check_against_torch(path: str | os.PathLike, model, *, meta: dict[str, str],
         raise OnnxInputError(f"{path} has a static batch of {static_b}; checking batch {batch} "
                              "needs an export with --batch dynamic (or --batch "
                              f"{batch})")
-    by_name = dict(zip(model.input_names, args))
-    missing = [n for n in names if n not in by_name]
+    missing = [n for n in names if n not in model.input_names]
     if missing:
         raise OnnxInputError(f"{path}: ONNX inputs {missing} do not match the model's inputs "
                              f"{list(model.input_names)} (was it exported from this preset?)")
+    args = example_inputs(model, batch, {k: _maybe_int(meta.get(k)) for k in
+                                         ("height", "width", "text_len")} |
+                          {"dtype": meta.get("dtype", "fp32")}, seed=seed)
+    by_name = dict(zip(model.input_names, args, strict=True))
     feeds = {n: _to_numpy(by_name[n]) for n in names}
+    model, device = _reference_model(model, log)
+    with torch.no_grad(), _no_tf32():
+        ref = model(*(a.to(device) for a in args)).float().cpu()
     t0 = time.perf_counter()
     try:
         (got,) = sess.run(None, feeds)
@@ -406,13 +442,14 @@ def check_against_torch(path: str | os.PathLike, model, *, meta: dict[str, str],
         raise OnnxInputError(f"onnxruntime (CPU) cannot run {path}: "
                              f"{str(exc).strip().splitlines()[0][:300]}") from exc
     ort_ms = (time.perf_counter() - t0) * 1e3
-    err = compare_outputs({"v": ref.float().numpy()}, {"v": got.astype("float32")})
+    err = compare_outputs({"v": ref.numpy()}, {"v": got.astype("float32")})
     dtype = meta.get("dtype", "fp32")
     tol = TOLERANCE.get(dtype, 1e-4)
     ok = math.isfinite(err["max_rel"]) and err["max_rel"] <= tol
     return {"batch": batch, "max_abs": err["max_abs"], "max_rel": err["max_rel"],
             "ref_max": err["outputs"]["v"]["ref_max"], "tolerance_rel": tol, "ok": ok,
-            "ort_ms": ort_ms, "reference": f"PyTorch {meta.get('backend', '?')} backend, {dtype}"}
+            "ort_ms": ort_ms,
+            "reference": f"PyTorch {model.backend} backend on {device.type}, {dtype}"}
 
 
 def _maybe_int(v: str | None) -> int | None:
@@ -443,4 +480,4 @@ def check_file(path: str | os.PathLike, *, preset: str | None = None, ckpt: str 
     model = build_model(preset, ckpt=ckpt, backend=backend, dtype=dtype, seed=seed)
     log(f"comparing onnxruntime (CPU) with PyTorch {preset} ({backend} backend, {dtype}, "
         f"{'ckpt ' + ckpt if ckpt else f'seed {seed}'}) ...")
-    return check_against_torch(path, model, meta=meta, batch=batch, seed=seed + 1)
+    return check_against_torch(path, model, meta=meta, batch=batch, seed=seed + 1, log=log)

@@ -33,6 +33,19 @@ class OnnxInputError(ValueError):
     """A user-supplied ONNX file (or option about it) is unusable; the message is one line."""
 
 
+def require(module: str, purpose: str):
+    """Import an optional dependency or raise a one-line :class:`OnnxInputError` saying how
+    to install it (onnxruntime and onnxscript ship with ``ditperf[dev]``)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        pkg = module.split(".")[0]
+        raise OnnxInputError(f"{purpose} needs the {pkg} package: pip install {pkg} "
+                             "(or pip install 'ditperf[dev]')") from exc
+
+
 ONNX_TO_TRT_TYPE = {
     TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16",
     TensorProto.DOUBLE: "DOUBLE", TensorProto.INT32: "INT32", TensorProto.INT64: "INT64",
@@ -157,6 +170,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
             data_path.unlink()  # onnx appends to an existing file
         onnx.save_model(model, str(p), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=location, size_threshold=size_threshold)
+        if external_data_files(model) and not data_path.is_file():
+            raise OnnxInputError(f"{p}: its weights refer to external data that was not "
+                                 f"written ({data_path.name}); the model had lost its weights")
         if keep_in_memory:
             onnx.load_external_data_for_model(model, str(p.parent))
     else:
@@ -164,10 +180,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
     return p
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ort_max_ir_version() -> int:
     """Highest ONNX IR version the installed onnxruntime accepts (probed with a 1-node model)."""
-    import onnxruntime as ort
+    ort = require("onnxruntime", "running ONNX models")
 
     x = onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
@@ -190,7 +206,7 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | No
     A path with external data is loaded by path (written to a temporary copy of the .onnx
     next to the data when its IR version must be lowered, so relative data paths resolve).
     """
-    import onnxruntime as ort
+    ort = require("onnxruntime", "running ONNX models")
 
     opts = ort.SessionOptions()
     if threads:

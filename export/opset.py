@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
-
 from ditperf.export.onnx_io import OnnxInputError, default_opset
+from onnx import helper, numpy_helper
 
 _REDUCE_18 = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
               "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"}
@@ -33,7 +32,9 @@ _NEW_IN_18 = {"GroupNormalization", "Col2Im", "CenterCropPad", "BitwiseAnd", "Bi
 
 
 def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    vals = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    # external-data initializers are weights, never axes: skip them (their data is not loaded)
+    vals = {i.name: numpy_helper.to_array(i) for i in graph.initializer
+            if i.data_location != onnx.TensorProto.EXTERNAL}
     for n in graph.node:
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
             for a in n.attribute:

@@ -48,11 +48,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import TensorProto
-from onnx_graphsurgeon.logger import G_LOGGER
-
 from ditperf.export.onnx_io import OnnxInputError, default_opset, model_nbytes
 from ditperf.export.opset import convert_opset
+from onnx import TensorProto
+from onnx_graphsurgeon.logger import G_LOGGER
 
 G_LOGGER.colors = False
 G_LOGGER.severity = G_LOGGER.ERROR
@@ -122,22 +121,49 @@ class SurgeryOptions:
 # Helpers
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx shape inference (with data propagation); models with external or > 2 GiB data
-    go through a temporary file (``infer_shapes_path``)."""
-    if model_nbytes(model) < 2**31 - 2**27:
+def infer_shapes(model: onnx.ModelProto, *, skeleton_above: int = 2**31 - 2**27
+                 ) -> onnx.ModelProto:
+    """onnx shape inference (with data propagation). Models above ``skeleton_above`` bytes
+    (protobuf cannot serialize > 2 GiB) are inferred on a weightless skeleton whose large
+    initializers keep only dims and type; the inferred ``value_info`` is copied back."""
+    if model_nbytes(model) < skeleton_above:
         try:
             return onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception:
             return onnx.shape_inference.infer_shapes(model)
-    import tempfile
-    from pathlib import Path
+    skel = skeleton(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
+    except Exception:
+        inferred = onnx.shape_inference.infer_shapes(skel)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
 
-    with tempfile.TemporaryDirectory() as d:
-        p = str(Path(d) / "m.onnx")
-        onnx.save_model(model, p, save_as_external_data=True, location="m.onnx.data")
-        onnx.shape_inference.infer_shapes_path(p, p)
-        return onnx.load(p)
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without the weights' bytes: initializers above 4 KiB become graph
+    inputs of the same name, type and shape. Shape inference and ``onnx.checker`` need
+    nothing more, and it serializes far below protobuf's 2 GiB limit."""
+    skel = onnx.ModelProto()
+    skel.ir_version = model.ir_version
+    skel.opset_import.extend(model.opset_import)
+    skel.functions.extend(model.functions)
+    skel.metadata_props.extend(model.metadata_props)
+    g = skel.graph
+    g.name = model.graph.name
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+    inputs = {i.name for i in model.graph.input}
+    for init in model.graph.initializer:
+        if init.data_location != TensorProto.EXTERNAL and init.ByteSize() <= 4096:
+            g.initializer.append(init)
+        elif init.name not in inputs:  # dims and type are all that is needed of a weight
+            g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type,
+                                                              list(init.dims)))
+    return skel
 
 
 def onnx_dtype(dt) -> int | None:
@@ -689,23 +715,19 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[str] = DEFAULT_PASSES,
 
 
 def check_model(model: onnx.ModelProto) -> None:
-    """``onnx.checker`` (full check, which runs shape inference) on a model of any size."""
+    """``onnx.checker`` with ``full_check`` (shape inference too); models above ~1.9 GiB are
+    checked on their :func:`skeleton` (the weights themselves are not validated)."""
     if model_nbytes(model) < 2**31 - 2**27:
         onnx.checker.check_model(model, full_check=True)
     else:
-        import tempfile
-        from pathlib import Path
-
-        with tempfile.TemporaryDirectory() as d:
-            p = Path(d) / "m.onnx"
-            onnx.save_model(model, str(p), save_as_external_data=True, location="m.onnx.data")
-            onnx.checker.check_model(str(p), full_check=True)
+        onnx.checker.check_model(skeleton(model), full_check=True)
 
 
-def verify_numerics(before: onnx.ModelProto, after: onnx.ModelProto, *, seed: int = 0,
+def verify_numerics(before: onnx.ModelProto | str, after: onnx.ModelProto | str, *, seed: int = 0,
                     dims: dict[str, int] | None = None) -> dict:
     """Run both models in onnxruntime on the same random inputs; max abs/rel difference per
-    output. Raises :class:`OnnxInputError` when either model cannot run (custom domains)."""
+    output (models or paths; use paths above 2 GiB). Raises :class:`OnnxInputError` when
+    either model cannot run (custom domains)."""
     from ditperf.export.check import compare_outputs, random_feeds
     from ditperf.export.onnx_io import ort_session
 
@@ -716,8 +738,9 @@ def verify_numerics(before: onnx.ModelProto, after: onnx.ModelProto, *, seed: in
             from exc
     feeds = random_feeds(s0, seed=seed, dims=dims)
     names = [o.name for o in s0.get_outputs()]
-    r0 = dict(zip(names, s0.run(None, feeds)))
+    r0 = dict(zip(names, s0.run(None, feeds), strict=True))
     names1 = [o.name for o in s1.get_outputs()]
-    r1 = dict(zip(names1, s1.run(None, {k: v for k, v in feeds.items()
-                                        if k in {i.name for i in s1.get_inputs()}})))
+    wanted = {i.name for i in s1.get_inputs()}
+    r1 = dict(zip(names1, s1.run(None, {k: v for k, v in feeds.items() if k in wanted}),
+                  strict=True))
     return compare_outputs(r0, r1)

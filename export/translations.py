@@ -58,10 +58,9 @@ def translation_table(opset: int, attention: str = "auto") -> dict[Callable, Cal
     ``attention``: ``auto`` (the opset-23 ``Attention`` node when ``opset >= 23``, else
     MatMul/Softmax/MatMul), ``matmul`` or ``onnx`` (needs opset >= 23).
     """
+    import ditperf.kernels  # noqa: F401  (registers torch.ops.ditperf.*)
     import torch
     from onnxscript import ir
-
-    import ditperf.kernels  # noqa: F401  (registers torch.ops.ditperf.*)
 
     if attention not in ATTENTION_FORMS:
         raise ValueError(f"attention must be one of {ATTENTION_FORMS}, got {attention!r}")

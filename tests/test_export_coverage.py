@@ -7,9 +7,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto as T
-from onnx import helper, numpy_helper
-
 from ditperf.export import coverage as cov
 from ditperf.export.build_matrix import build, parse_table
 from ditperf.export.onnx_io import (
@@ -20,6 +17,8 @@ from ditperf.export.onnx_io import (
     ort_session,
     save_model,
 )
+from onnx import TensorProto as T
+from onnx import helper, numpy_helper
 
 REPORT_KEYS = {"schema", "model", "source", "trt_version", "opset", "opset_range", "summary",
                "issues", "operators", "subgraphs"}

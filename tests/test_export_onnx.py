@@ -16,11 +16,11 @@ from onnx import helper, numpy_helper
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from ditperf.cli.main import main  # noqa: E402
-from ditperf.export.coverage import analyze, count_decomposed_layernorms  # noqa: E402
-from ditperf.export.onnx_export import ExportSpec, export_onnx  # noqa: E402
-from ditperf.export.onnx_io import OnnxInputError, load_model, ort_session  # noqa: E402
-from ditperf.export.opset import lower_18_to_17  # noqa: E402
+from ditperf.cli.main import main
+from ditperf.export.coverage import analyze, count_decomposed_layernorms
+from ditperf.export.onnx_export import ExportSpec, export_onnx
+from ditperf.export.onnx_io import OnnxInputError, load_model, ort_session
+from ditperf.export.opset import lower_18_to_17
 
 # (backend, opset) -> extra spec: each export also exercises one more mechanism
 CASES = {
@@ -194,7 +194,7 @@ def test_translations_match_references(opset):
     assert ops["LayerNormalization"] == 3 and ops["ReduceLogSumExp"] == 1  # lse is used here
     assert (ops["Attention"], ops["RMSNormalization"]) == ((1, 2) if opset == 23 else (0, 0))
     sess = ort_session(prog.model_proto)
-    feeds = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)}
+    feeds = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args, strict=True)}
     out, lse = sess.run(None, feeds)
     assert not np.isnan(out).any()
     np.testing.assert_allclose(out, ref_out.numpy(), atol=2e-5, rtol=1e-5)
@@ -220,9 +220,10 @@ def test_lower_18_to_17_exact():
                             opset_imports=[helper.make_opsetid("", 18)])
     m17 = lower_18_to_17(m18)
     onnx.checker.check_model(m17)
-    assert m17.opset_import[0].version == 17 and not m17.graph.initializer[0].name == "axes"
+    assert m17.opset_import[0].version == 17 and m17.graph.initializer[0].name != "axes"
     feed = {"x": np.random.default_rng(0).standard_normal((2, 7, 6)).astype(np.float32)}
-    for a, b in zip(ort_session(m18).run(None, feed), ort_session(m17).run(None, feed)):
+    for a, b in zip(ort_session(m18).run(None, feed), ort_session(m17).run(None, feed),
+                    strict=True):
         np.testing.assert_array_equal(a, b)
     gn = helper.make_model(helper.make_graph(
         [helper.make_node("GroupNormalization", ["x", "s", "s"], ["m"], num_groups=1)], "g",

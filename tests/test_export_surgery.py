@@ -5,9 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto as T
-from onnx import helper, numpy_helper
-
 from ditperf.export.check import random_feeds
 from ditperf.export.onnx_io import OnnxInputError, ort_session
 from ditperf.export.surgery import (
@@ -17,6 +14,8 @@ from ditperf.export.surgery import (
     run_passes,
     verify_numerics,
 )
+from onnx import TensorProto as T
+from onnx import helper, numpy_helper
 
 pytest.importorskip("onnxruntime")
 
@@ -251,7 +250,24 @@ def test_fold_constants_counts():
     nodes = [helper.make_node("Add", ["a", "b"], ["ab"]),
              helper.make_node("Mul", ["ab", "b"], ["abb"]),
              helper.make_node("Add", ["x", "abb"], ["y"])]
-    m = _model(nodes, [x], [y], [_c("a", np.ones(3, np.float32)), _c("b", np.full(3, 2, np.float32))])
+    m = _model(nodes, [x], [y], [_c("a", np.ones(3, np.float32)),
+                                 _c("b", np.full(3, 2, np.float32))])
     new, reps = run_passes(m, ["fold-constants"])
     assert reps[0].changes["nodes_removed"] == 2 and _ops(new) == ["Add"]
     assert verify_numerics(m, new)["max_abs"] == 0.0
+
+
+def test_infer_shapes_on_weightless_skeleton():
+    """The > 2 GiB path: shape inference on a skeleton gives the same types and shapes."""
+    from ditperf.export.surgery import infer_shapes
+
+    m = decomposed_ln_model(C=2048)  # 8 KiB gamma/beta: become typed graph inputs
+    full = {v.name: v.type for v in infer_shapes(decomposed_ln_model(C=2048)).graph.value_info}
+    skel = infer_shapes(m, skeleton_above=0)
+    assert {v.name: v.type for v in skel.graph.value_info} == full and len(full) == 9
+    assert len(skel.graph.initializer[3].raw_data) == 2048 * 4  # weights untouched
+    from ditperf.export.surgery import skeleton
+
+    light = skeleton(m)
+    assert light.ByteSize() < 2048 * 4  # the weights' bytes are not in the skeleton
+    onnx.checker.check_model(light, full_check=True)  # the > 2 GiB check_model path
