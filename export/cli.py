@@ -57,6 +57,13 @@ def _write_json(path: str | None, payload: dict) -> None:
         print(f"wrote {path}")
 
 
+def _wrap(text: str) -> str:
+    """One-paragraph help text wrapped for the raw formatter."""
+    import textwrap
+
+    return textwrap.fill(" ".join(text.split()), width=92)
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -239,12 +246,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     o = esub.add_parser(
         "onnx", formatter_class=fmt, help="export a preset to ONNX (+ onnxruntime check)",
-        description="Export a DiT preset with torch.onnx.export(dynamo=True). The Triton "
+        description=_wrap("Export a DiT preset with torch.onnx.export(dynamo=True). The Triton "
         "backend's custom ops map to LayerNormalization + Mul/Add (adaLN), MatMul/Softmax/"
         "MatMul attention (opset < 23) or ONNX Attention/RMSNormalization (opset 23). Opset 17 "
         "is exported at 18 and lowered exactly. Without --ckpt the weights are random (seeded; "
         "zero-initialized layers perturbed so the output is not 0). Weights above 2 GB go to "
-        "<out>.data. The onnxruntime check runs by default when the model fits in memory.")
+        "<out>.data. The onnxruntime check runs by default when the model fits in memory."))
     o.add_argument("--preset", required=True, help="model preset (tiny, dit-xl-2, t2i-1b, ...)")
     o.add_argument("--out", required=True, help="output .onnx path")
     o.add_argument("--ckpt", help="checkpoint: state_dict or Composer checkpoint (.pt)")
@@ -269,9 +276,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = esub.add_parser(
         "check", formatter_class=fmt, help="onnxruntime vs PyTorch on random inputs",
-        description="Rebuild the PyTorch model the file was exported from (from the ditperf "
+        description=_wrap("Rebuild the PyTorch model the file was exported from (from the ditperf "
         "metadata in the file, or --preset/--ckpt) and compare onnxruntime (CPU) with it on "
-        "random inputs. Prints max abs / rel error; exit 1 above the dtype's tolerance.")
+        "random inputs. Prints max abs / rel error; exit 1 above the dtype's tolerance."))
     c.add_argument("model", help="an .onnx file")
     c.add_argument("--preset", help="override the preset recorded in the file")
     c.add_argument("--ckpt", help="checkpoint with the weights the file was exported from")
@@ -314,12 +321,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     v = esub.add_parser(
         "coverage", formatter_class=fmt, help="per-operator TensorRT support report",
-        description="Per ONNX op type: count, supported, types used vs supported, restrictions, "
-        "unsupported node ranges and names, and which source decided. Offline from the shipped "
-        "onnx-tensorrt 10.1 matrix (+ later documented additions: pass e.g. --trt-version 10.15); "
-        "live from TensorRT's parser (supports_model_v2) when TensorRT and a GPU are present. "
-        "JSON schema ditperf.coverage/1 (see ditperf.export.coverage). Exit 0 when fully "
-        "supported, 1 otherwise.")
+        description=_wrap(
+            "Per ONNX op type: count, supported, types used vs supported, restrictions, "
+            "unsupported node ranges and names, and which source decided. Offline from the "
+            "shipped onnx-tensorrt 10.1 matrix (+ later documented additions: pass e.g. "
+            "--trt-version 10.15); live from TensorRT's parser (supports_model_v2) when TensorRT "
+            "and a GPU are present. JSON schema ditperf.coverage/1 (see "
+            "ditperf.export.coverage). Exit 0 when fully supported, 1 otherwise."))
     v.add_argument("model", help="an .onnx file")
     v.add_argument("--trt-version", default="auto",
                    help="auto (live if possible, else 10.1), live, or a version like 10.1, 10.15")
@@ -329,10 +337,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e = esub.add_parser(
         "engine", formatter_class=fmt, help="build a TensorRT engine and time it vs PyTorch",
-        description="Build a TensorRT engine (needs the `trt` extra and a GPU), then time it "
+        description=_wrap("Build a TensorRT engine (needs the `trt` extra and a GPU), then time it "
         "against the PyTorch model (eager and torch.compile) on the same inputs. --fp16/--bf16 "
         "are TensorRT 10 weak-typing flags; with TensorRT 11 export with --dtype fp16|bf16 and "
-        "use --strongly-typed.")
+        "use --strongly-typed."))
     e.add_argument("model", help="an .onnx file written by `ditperf export onnx`")
     e.add_argument("--out", required=True, help="engine (.plan) path")
     prec = e.add_mutually_exclusive_group()
