@@ -318,3 +318,31 @@ def test_engine_build_and_run(tmp_path):
                                       log=lambda _m: None)
     assert err < 1e-2, err  # TF32 allowed in TensorRT's fp32 kernels
     assert set(timings) >= {"tensorrt"}
+
+
+def test_checkpoint_loading(tmp_path):
+    """Plain state_dicts and Composer checkpoints (state.model, 'model.' prefix) load; a
+    checkpoint of another preset or a non-checkpoint fails with one line."""
+    from ditperf.export.onnx_export import build_model, load_checkpoint
+    from ditperf.model import DiT
+
+    src = DiT("tiny")
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    sd = src.state_dict()
+    plain, composer = tmp_path / "plain.pt", tmp_path / "composer.pt"
+    torch.save(sd, plain)
+    torch.save({"state": {"model": {f"model.{k}": v for k, v in sd.items()}}}, composer)
+    for path in (plain, composer):
+        m = build_model("tiny", ckpt=str(path))
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, sd[k]), k
+    bad = tmp_path / "other.pt"
+    torch.save({k: v for k, v in list(sd.items())[:-3]}, bad)
+    with pytest.raises(OnnxInputError, match="missing"):
+        load_checkpoint(DiT("tiny"), str(bad))
+    junk = tmp_path / "junk.pt"
+    junk.write_text("nope")
+    with pytest.raises(OnnxInputError, match="cannot read it"):
+        load_checkpoint(DiT("tiny"), str(junk))
