@@ -338,8 +338,8 @@ def export_onnx(spec: ExportSpec, *, log: Callable[[str], None] = print,
             result.check = check_against_torch(
                 out, model, meta={k[len(META_PREFIX):]: v for k, v in meta.items()},
                 batch=3 if dynamic else batch, seed=spec.seed + 1, log=log)
-        except OnnxInputError as exc:
-            if spec.check or spec.dtype == "fp32":
+        except OnnxInputError as exc:  # onnxruntime cannot load or run it (bf16, old ORT)
+            if spec.check:
                 raise
             notes.append(f"numeric check skipped: {exc}")
     elif spec.check is None:

@@ -200,6 +200,29 @@ def ort_max_ir_version() -> int:
     return 7
 
 
+@functools.cache
+def ort_runs_opset23() -> bool:
+    """Whether the installed onnxruntime's CPU provider runs opset-23 ``Attention`` and
+    ``RMSNormalization`` (1.32 does; older releases may not)."""
+    import numpy as np
+
+    h = onnx.helper
+    vi = [h.make_tensor_value_info(n, TensorProto.FLOAT, [1, 1, 2, 8]) for n in "qkv"]
+    nodes = [h.make_node("Attention", ["q", "k", "v"], ["a"]),
+             h.make_node("RMSNormalization", ["a", "w"], ["y"], axis=-1)]
+    w = onnx.numpy_helper.from_array(np.ones(8, np.float32), "w")
+    model = h.make_model(h.make_graph(nodes, "probe", vi, [h.make_tensor_value_info(
+        "y", TensorProto.FLOAT, [1, 1, 2, 8])], initializer=[w]),
+        opset_imports=[h.make_opsetid("", 23)])
+    try:
+        sess = ort_session(model)
+        x = np.ones((1, 1, 2, 8), np.float32)
+        sess.run(None, {"q": x, "k": x, "v": x})
+        return True
+    except Exception:
+        return False
+
+
 def ort_session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | None = None):
     """An onnxruntime CPU session, lowering ``ir_version`` when onnxruntime needs it.
 

@@ -19,7 +19,7 @@ pytest.importorskip("onnxscript")
 from ditperf.cli.main import main
 from ditperf.export.coverage import analyze, count_decomposed_layernorms
 from ditperf.export.onnx_export import ExportSpec, export_onnx
-from ditperf.export.onnx_io import OnnxInputError, load_model, ort_session
+from ditperf.export.onnx_io import OnnxInputError, load_model, ort_runs_opset23, ort_session
 from ditperf.export.opset import lower_18_to_17
 
 # (backend, opset) -> extra spec: each export also exercises one more mechanism
@@ -30,6 +30,9 @@ CASES = {
     ("triton", 23): {},
 }
 _CACHE: dict = {}
+# onnxruntime 1.32 runs opset-23 Attention/RMSNormalization on CPU; older ones may not
+needs_ort23 = pytest.mark.skipif(not ort_runs_opset23(),
+                                 reason="this onnxruntime cannot run opset-23 Attention")
 
 
 @pytest.fixture(scope="module")
@@ -65,21 +68,25 @@ def test_export_tiny(outdir, backend, opset):
             assert "Softmax" not in ops
         else:
             assert ops["Softmax"] == 4 and "Attention" not in ops
-    # numerics: onnxruntime CPU vs the PyTorch model with the same weights, fp32 tolerance
-    assert res.check is not None and res.check["ok"], res.check
-    assert res.check["max_rel"] < 1e-4 and res.check["ref_max"] > 1e-3  # output not ~0
-    if CASES[(backend, opset)].get("batch") == "dynamic":
-        dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
-        assert dim0.dim_param and not dim0.HasField("dim_value")
-        assert res.check["batch"] == 3  # checked at a batch other than the traced one
     if CASES[(backend, opset)].get("external_data"):
         assert res.data_path and Path(res.data_path).is_file()
         # the big weights live outside the .onnx (the exporter keeps small tensors inline)
         assert Path(res.data_path).stat().st_size > 0.6 * res.bytes
+    if CASES[(backend, opset)].get("batch") == "dynamic":
+        dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
+        assert dim0.dim_param and not dim0.HasField("dim_value")
+    # numerics: onnxruntime CPU vs the PyTorch model with the same weights, fp32 tolerance
+    if opset == 23 and not ort_runs_opset23():
+        assert res.check is None and any("numeric check skipped" in n for n in res.notes)
+        pytest.skip("this onnxruntime cannot run opset-23 Attention: numerics not checked")
+    assert res.check is not None and res.check["ok"], res.check
+    assert res.check["max_rel"] < 1e-4 and res.check["ref_max"] > 1e-3  # output not ~0
+    if CASES[(backend, opset)].get("batch") == "dynamic":
+        assert res.check["batch"] == 3  # checked at a batch other than the traced one
 
 
 def test_check_command_rebuilds_from_metadata(outdir, capsys):
-    res = exported(outdir, "torch", 23)
+    res = exported(outdir, "torch", 17)
     meta = {p.key: p.value for p in load_model(res.path, load_external_data=False).metadata_props}
     assert meta["ditperf.preset"] == "tiny" and meta["ditperf.backend"] == "torch"
     assert main(["export", "check", res.path]) == 0
@@ -89,6 +96,7 @@ def test_check_command_rebuilds_from_metadata(outdir, capsys):
     assert "static batch of 1" in capsys.readouterr().err
 
 
+@needs_ort23
 def test_surgery_folds_torch_sdpa_into_attention(outdir):
     from ditperf.export.surgery import SurgeryOptions, run_passes, verify_numerics
 
@@ -177,7 +185,7 @@ class _Bound(torch.nn.Module):
         return self.block(*args, self.K)
 
 
-@pytest.mark.parametrize("opset", [18, 23])
+@pytest.mark.parametrize("opset", [18, pytest.param(23, marks=needs_ort23)])
 def test_translations_match_references(opset):
     from ditperf.export.translations import translation_table
 
