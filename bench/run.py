@@ -52,7 +52,7 @@ def gpu_parts() -> list[Part]:
         Part("norms", py(str(HERE / "norms.py"), "--quick", "--out", "{out}"), 90),
         Part("attention", py(str(HERE / "attention.py"), "--quick", "--out", "{out}"), 120),
         Part("model", py(str(HERE / "model.py"), "--quick", "--out", "{out}"), 150),
-        Part("calibrate", ["ditperf", "profile", "calibrate", "--seconds", "40", "--out", "{out}"], 70,
+        Part("calibrate", ["ditperf", "profile", "calibrate", "--seconds", "30", "--out", "{out}"], 90,
              produces_rows=False),
         Part("power-train", ["ditperf", "profile", "power", "--out", "{dir}/power-train", "--",
                              sys.executable, str(HERE / "model.py"), "--quick", "--train-only",
