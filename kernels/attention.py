@@ -56,7 +56,8 @@ for SD3/MMDiT/Flux-style joint attention over concatenated text and image tokens
 
 Precision. bf16/fp16 inputs: both matmuls on tensor cores with fp32 accumulation, P and dS
 rounded to the input dtype before their matmul (as FlashAttention does), softmax statistics
-in fp32. fp32 inputs (meant for tests): ``input_precision="ieee"`` dots (no TF32), slow.
+in fp32. fp32 inputs (meant for tests): ``input_precision="ieee"`` dots (no TF32): exact
+but slow on a GPU (CUDA-core FMAs; ptxas spills kilobytes of registers at these tiles).
 
 CUDA graphs / torch.compile. Launches allocate with ``torch.empty`` and never read a value
 back to the host, so a warmed-up call can be captured in a CUDA graph. Warm up first: the
@@ -704,6 +705,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.
     out, lse = _alloc_out(q, v)
     if out.numel() == 0:
         return out, lse
+    if nk == 0:  # no keys at all: every row is "fully masked"
+        return out.zero_(), lse.fill_(float("-inf"))
     km, smb, smn = _mask_args(key_mask, q)
 
     def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
@@ -929,7 +932,9 @@ def joint_attention_mask(text_lengths: torch.Tensor | Sequence[int], text_len: i
     (Flux / PixArt-style), ``[image, text]`` otherwise (SD3 / diffusers' JointAttnProcessor
     concatenates the image stream first). True = real key: text position t of sample b is
     real iff ``t < text_lengths[b]``; every image token is real. Use the same order when
-    concatenating q, k and v along the sequence axis.
+    concatenating q, k and v along the sequence axis. A tensor of lengths is range-checked,
+    which reads it back to the host (skipped under torch.compile); build the mask once per
+    batch, outside CUDA-graph capture.
     """
     if not isinstance(text_len, int) or not isinstance(image_len,
                       int) or text_len < 0 or image_len < 0:

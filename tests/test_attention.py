@@ -217,6 +217,13 @@ def test_empty_inputs(device):
     out = attention(q, q, q)
     out.sum().backward()
     assert out.shape == (0, 1, 4, 32) and q.grad.shape == q.shape
+    # no keys at all: like a fully masked row, zeros (and zero gradients), lse = -inf
+    q = torch.randn(1, 2, 4, 32, device=device, requires_grad=True)
+    k = torch.randn(1, 2, 0, 32, device=device, requires_grad=True)
+    out, lse = torch.ops.ditperf.attention(q, k, k, None, 0.5)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    out.sum().backward()
+    assert (q.grad == 0).all() and k.grad.shape == k.shape
 
 
 def test_reference_matches_sdpa_fp64():
