@@ -10,8 +10,12 @@ import hashlib
 import os
 import random
 
-import pytest
-import torch
+# Before numpy/torch load: on 2 busy cores, OpenBLAS threads fight each other and make the
+# interpreter's matmuls 3-4x slower (measured by the attention work).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
