@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import Row, base_parser, finish  # noqa: E402
+from benchlib import Row, base_parser, finish
 
 BATCH = 64
 TARGET_PER_WORKER = 3000.0  # samples/s/worker at 4x32x32

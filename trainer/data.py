@@ -667,7 +667,7 @@ def _load_schema(local: str | Path, remote: str | None) -> DatasetSchema:
     url = f"{remote.rstrip('/')}/{SCHEMA_FILE}"
     try:
         CloudDownloader.get(remote).download(url, str(Path(local) / SCHEMA_FILE), 60)
-    except Exception as exc:  # noqa: BLE001 - any storage backend error: say which file
+    except Exception as exc:
         raise DataError(f"cannot fetch the dataset schema {url} ({type(exc).__name__}: {exc})") from exc
     return DatasetSchema.load(local)
 

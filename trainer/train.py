@@ -169,6 +169,7 @@ def _make_stop_at(spec: str) -> Any:
 
 def build_trainer(cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """Construct the Composer ``Trainer``; returns (trainer, info)."""
+    _kernels_first(cfg)
     from composer import Trainer
     from composer.algorithms import EMA, GradientClipping
     from composer.loggers import InMemoryLogger
@@ -305,8 +306,17 @@ def training_and_ema_params(trainer: Any) -> tuple[dict[str, torch.Tensor], dict
     return (stored, current) if ema.ema_weights_active else (current, stored)
 
 
+def _kernels_first(cfg: dict[str, Any]) -> None:
+    """Import ditperf.kernels before Composer when the triton backend is used: without a GPU
+    it turns on Triton's CPU interpreter, which only works if it happens before anything
+    imports triton (Composer does, through torch.distributed)."""
+    if cfg["model"]["backend"] == "triton":
+        import ditperf.kernels  # noqa: F401
+
+
 def train(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train per ``cfg`` (see :mod:`ditperf.trainer.config`); return the summary dict."""
+    _kernels_first(cfg)
     threads = torch.get_num_threads()
     if cfg["torch_threads"]:
         torch.set_num_threads(int(cfg["torch_threads"]))
