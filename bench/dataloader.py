@@ -7,7 +7,8 @@ of 4x32x32 fp16 latents (DiT-XL/2 at 256px) and 16x128x128 fp16 latents (t2i-1b 
 512 KiB per sample), then times one epoch through ditperf's loader (StreamingDataset ->
 StreamingDataLoader -> collate into a batch dict) after a warm-up epoch (the first read
 decompresses the shards). Providers: ``streaming`` (Streaming's own per-sample reader: an
-``open`` + two reads per sample) and ``ditperf-mmap`` (shards mapped once per worker, the
+``open`` + two reads per sample) and ``ditperf-pread`` (each shard opened once per worker, one
+``pread`` per sample; the
 default in training). Cases: ``workers=0`` (in the main process), ``workers=1`` (one worker
 process: its rate, including the hand-over to the main process, is the per-worker rate) and
 ``workers=2`` (rate / 2 = per worker when two share the machine).
@@ -67,7 +68,7 @@ def one_epoch(root: Path, workers: int, provider: str) -> tuple[float, list[dict
     from ditperf.trainer import data as D
 
     ds = D.build_dataset(root, batch_size=BATCH, shuffle=True, shuffle_seed=1, columns=["latent", "label"],
-                         fast_read=provider == "ditperf-mmap")
+                         fast_read=provider == "ditperf-pread")
     loader = D.build_dataloader(ds, batch_size=BATCH, num_workers=workers, pin_memory=False)
     it = iter(loader)
     first = next(it)  # worker start-up and the first prefetch are not throughput
@@ -107,7 +108,7 @@ def run(smoke: bool, quick: bool, workers: tuple[int, ...] = (0, 1, 2), keep: Pa
             reference = {i: np.array(s["latent"]) for i, s in enumerate(D.iter_samples(root, ["latent"])) if i % 97 == 0}
             one_epoch(root, 0, "streaming")  # warm-up: decompress shards, page cache
             sample_bytes = int(np.prod(shape)) * 2
-            for provider in ("streaming", "ditperf-mmap"):
+            for provider in ("streaming", "ditperf-pread"):
                 for w in workers:
                     dt, batches = one_epoch(root, w, provider)
                     check(batches, shape, reference, num)
@@ -137,7 +138,7 @@ def main() -> None:
     rows = run(args.smoke, args.quick, workers=workers, keep=args.keep)
     finish(rows, title="MDS latent loader (CPU): samples/s per worker", baseline="streaming", out=args.out,
            extra_meta={"target_samples_per_s_per_worker_4x32x32": TARGET_PER_WORKER, "cpu_count": os.cpu_count()})
-    one = [r for r in rows if r.shape == "4x32x32" and r.provider == "ditperf-mmap" and r.extra["workers"] == 1]
+    one = [r for r in rows if r.shape == "4x32x32" and r.provider == "ditperf-pread" and r.extra["workers"] == 1]
     if one:
         got = one[0].extra["samples_per_s_per_worker"]
         verdict = "meets" if got >= TARGET_PER_WORKER else "BELOW"

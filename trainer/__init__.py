@@ -31,7 +31,8 @@ Reading
 One Streaming ``Stream`` per bucket in one ``StreamingDataset`` with
 ``batching_method="per_stream"``: every global batch comes from a single bucket (shapes never
 mix), the shuffle is seeded (``data.shuffle_seed``, default ``seed``) and the position is saved
-in Composer checkpoints, so resumption is exact. Shards are memory-mapped per worker.
+in Composer checkpoints, so resumption is exact. Each worker opens a shard once and reads a
+sample with one pread (Streaming's own reader opens the file for every sample).
 Edit configs (``model.edit=true``) get their masks built in the data workers by
 ``make_edit_batch`` with a generator seeded by (seed, epoch, sample id).
 

@@ -42,9 +42,9 @@ so :func:`verify_dataset` checks files and hashes up front with errors that name
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import mmap
 import os
 import struct
 from collections.abc import Callable, Iterable, Sequence
@@ -503,18 +503,18 @@ def _decoder(encoding: str) -> tuple[int | None, Callable[[memoryview | bytes, i
     return get_mds_encoded_size(encoding), lambda buf, off, size: mds_decode(encoding, bytes(buf[off:off + size]))
 
 
-class _MappedShard:
-    """A raw ``.mds`` shard mapped once per worker: reading a sample is two slices, not an
-    ``open()`` + two ``read()`` calls per sample as in Streaming's reader (~4x faster)."""
+class _OpenShard:
+    """A raw ``.mds`` shard opened once per worker: its offset table is read once and a sample
+    is one ``os.pread``, instead of Streaming's ``open`` + seek + two reads per sample
+    (2-3x faster for small latents; no page faults, unlike ``mmap``, for large ones)."""
 
     def __init__(self, path: str, names: Sequence[str], encodings: Sequence[str],
                  sizes: Sequence[int | None], wanted: set[str]) -> None:
-        with open(path, "rb") as f:
-            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        (n,) = struct.unpack_from("<I", self.mm, 0)
-        self.offsets = np.frombuffer(self.mm, np.uint32, n + 1, 4)
+        self.fd = os.open(path, os.O_RDONLY)
+        (n,) = struct.unpack("<I", os.pread(self.fd, 4, 0))
+        self.offsets = np.frombuffer(os.pread(self.fd, 4 * (n + 1), 4), np.uint32)
         self.n_var = sum(1 for s in sizes if not s)
-        self.plan = []  # (name, static size or None (index into var sizes), decoder, wanted)
+        self.plan = []  # (name, static size or -1 - index into the variable sizes, decoder, wanted)
         var_i = 0
         for name, enc, size in zip(names, encodings, sizes):
             _, dec = _decoder(enc)
@@ -522,15 +522,24 @@ class _MappedShard:
             if not size:
                 var_i += 1
 
+    def __del__(self) -> None:
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def read(self, idx: int) -> dict[str, Any]:
-        begin = int(self.offsets[idx])
-        var_sizes = struct.unpack_from(f"<{self.n_var}I", self.mm, begin) if self.n_var else ()
-        off = begin + 4 * self.n_var
+        begin, end = int(self.offsets[idx]), int(self.offsets[idx + 1])
+        buf = os.pread(self.fd, end - begin, begin)
+        if len(buf) != end - begin:
+            raise DataError(f"shard truncated: sample {idx} needs bytes {begin}..{end}")
+        var_sizes = struct.unpack_from(f"<{self.n_var}I", buf, 0) if self.n_var else ()
+        off = 4 * self.n_var
         sample: dict[str, Any] = {}
         for name, size, dec, wanted in self.plan:
             size = size if size >= 0 else var_sizes[-1 - size]
             if wanted:
-                sample[name] = dec(self.mm, off, size)
+                sample[name] = dec(buf, off, size)
             off += size
         return sample
 
@@ -561,7 +570,8 @@ def _make_dataset_class() -> type:
 
     class LatentDataset(StreamingDataset):
         """``StreamingDataset`` over ditperf buckets: adds ``sample_id`` (and edit masks) to
-        each sample, and reads mapped raw shards directly when no cache limit is set."""
+        each sample, and reads raw shards through one open file per shard and worker when no
+        cache limit is set (with a cache limit, Streaming may evict shards: its reader is used)."""
 
         def __init__(self, *, columns: Sequence[str], edit: _Edit | None = None, fast_read: bool = True,
                      **kwargs: Any) -> None:
@@ -570,9 +580,9 @@ def _make_dataset_class() -> type:
             self._ditperf_columns = set(columns)
             self._ditperf_edit = edit
             self._ditperf_epoch = 0
-            self._ditperf_maps: dict[int, _MappedShard] = {}
+            self._ditperf_maps: dict[int, _OpenShard] = {}
 
-        def __getstate__(self) -> dict[str, Any]:  # mmaps do not pickle (spawned workers)
+        def __getstate__(self) -> dict[str, Any]:  # open files do not travel to spawned workers
             state = self.__dict__.copy()
             state["_ditperf_maps"] = {}
             return state
@@ -588,16 +598,16 @@ def _make_dataset_class() -> type:
             if self.cache_limit or not self._ditperf_fast:
                 return None  # the cache may evict shards: keep Streaming's own reader
             shard_id, idx = self.spanner[sample_id]
-            mapped = self._ditperf_maps.get(shard_id)
-            if mapped is None:
+            opened = self._ditperf_maps.get(shard_id)
+            if opened is None:
                 reader = self.shards[shard_id]
                 path = os.path.join(reader.dirname, reader.split or "", reader.raw_data.basename)
                 if not os.path.isfile(path):
                     return None  # not decompressed/downloaded yet: Streaming prepares it
-                mapped = _MappedShard(path, reader.column_names, reader.column_encodings,
-                                      reader.column_sizes, self._ditperf_columns)
-                self._ditperf_maps[shard_id] = mapped
-            return mapped.read(idx)
+                opened = _OpenShard(path, reader.column_names, reader.column_encodings,
+                                    reader.column_sizes, self._ditperf_columns)
+                self._ditperf_maps[shard_id] = opened
+            return opened.read(idx)
 
         def get_item(self, sample_id: int, retry: int = 7) -> Any:
             sample = self._fast(sample_id)
@@ -640,7 +650,7 @@ def build_dataset(local: str | Path, *, batch_size: int, remote: str | None = No
     a path...) the local cache folder. ``batch_size`` is the per-device batch size (Streaming
     partitions by it; the DataLoader must use the same). Build a new one for every DataLoader
     that uses worker processes. ``fast_read=False`` reads through Streaming's own per-sample
-    reader instead of the memory-mapped shards (same values; for benchmarks).
+    reader instead of ditperf's open-once shard reader (same values; for benchmarks).
     """
     from streaming import Stream
 
