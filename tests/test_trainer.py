@@ -19,6 +19,7 @@ from ditperf.trainer import data as D
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = ["console_log_interval=1000ba"]
+CPU = ["device=cpu"]  # the CPU tests stay on CPU (and gloo) on a GPU machine too
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,7 @@ def test_train_tiny_cpu_4ba_writes_composer_checkpoints(tiny_data: Path, tmp_pat
     monkeypatch.setenv("DITPERF_CACHE_DIR", str(tmp_path / "cache"))
     rc = main(["train", "tiny-cpu", f"data.local={tiny_data}", "max_duration=4ba", "global_train_batch_size=4",
                f"save_folder={tmp_path / 'ck'}", "save_interval=2ba", "model.backend=torch",
-               "callbacks.power.enabled=true", "callbacks.power.log_interval=2", *QUIET])
+               "callbacks.power.enabled=true", "callbacks.power.log_interval=2", *CPU, *QUIET])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "done: 4 batches, 16 samples" in out
@@ -152,7 +153,7 @@ def test_exact_resume_in_new_process_is_bit_identical(tiny_data: Path, tmp_path:
     """8 batches straight == 4 batches, checkpoint, new process, resume to 8 (edit config:
     noise, timesteps, cond dropout and edit masks all random; crosses an epoch boundary)."""
     common = [f"data.local={tiny_data}", "max_duration=8ba", "global_train_batch_size=4", "save_interval=4ba",
-              "model.edit=true", "data.num_workers=1", "ema.half_life=3ba", "loss.cond_dropout=0.3"]
+              "model.edit=true", "data.num_workers=1", "ema.half_life=3ba", "loss.cond_dropout=0.3", *CPU]
     _train(common + [f"save_folder={tmp_path / 'a'}"])
     _train(common + [f"save_folder={tmp_path / 'b'}", "stop_at=4ba"])
     assert not (tmp_path / "b" / "ep1-ba8-rank0.pt").exists()
@@ -178,7 +179,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data: Path, tmp_path
 
     ck = tmp_path / "ck"
     rc = main(["train", "tiny-cpu", f"data.local={tiny_data}", "max_duration=8ba", "global_train_batch_size=4",
-               f"save_folder={ck}", "save_interval=2ba", "debug.nan_at_batch=5", "data.num_workers=0", *QUIET])
+               f"save_folder={ck}", "save_interval=2ba", "debug.nan_at_batch=5", "data.num_workers=0", *CPU, *QUIET])
     err = capsys.readouterr().err
     assert rc == 3
     assert "loss became non-finite (nan) at batch 5" in err and "ep0-ba4-rank0.pt" in err
@@ -215,7 +216,7 @@ def test_ddp_two_ranks_gloo_identical_params(tiny_data: Path, tmp_path: Path) ->
     launcher = shutil.which("composer") or pytest.skip("composer launcher not on PATH")
     cmd = [launcher, "-n", "2", "--master_port", str(_free_port()), "-m", "ditperf.trainer", "tiny-cpu",
            f"data.local={tiny_data}", "max_duration=3ba", "global_train_batch_size=8", f"save_folder={tmp_path}",
-           "save_interval=3ba", "debug.param_digest=true", "data.num_workers=0", *QUIET]
+           "save_interval=3ba", "debug.param_digest=true", "data.num_workers=0", *CPU, *QUIET]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -236,7 +237,7 @@ def test_gpu_bf16_run_reports_mfu(tiny_data: Path, tmp_path: Path, backend: str)
     MemoryMonitor, both backends."""
     summary = _train([f"data.local={tiny_data}", "max_duration=8ba", "global_train_batch_size=4",
                       f"model.backend={backend}", "callbacks.speed_monitor.window_size=3",
-                      f"save_folder={tmp_path}", "save_interval=8ba", "callbacks.power.enabled=false"])
+                      f"save_folder={tmp_path}", "save_interval=8ba", "callbacks.power.enabled=false", "device=gpu"])
     assert summary["device"] == "gpu" and summary["precision"] == "amp_bf16" and summary["backend"] == backend
     assert summary["batches"] == 8 and torch.isfinite(torch.tensor(summary["loss_last"]))
     assert summary["img_per_s_last"] and summary["img_per_s_last"] > 0
