@@ -186,7 +186,13 @@ def _train_case(name: str, batch: int, providers: list[str], device: torch.devic
             step()  # first step: compilation / autotuning
             _sync()
             first_s = time.perf_counter() - t0
-            ms = _time_loop(step, warmup, steps) if steps > 0 else first_s * 1e3
+            # Marked span for `ditperf profile power -- python bench/model.py ...` (a no-op
+            # otherwise): power, energy/img and power-estimated MFU next to the analytic MFU.
+            from ditperf.profiling import power_window
+
+            n = warmup + steps
+            with power_window(f"{case} {provider}", items=batch * n, flops=fl * n):
+                ms = _time_loop(step, warmup, steps) if steps > 0 else first_s * 1e3
             img_s = batch / (ms * 1e-3)
             tflops = fl / (ms * 1e-3) / 1e12
             extra = {"img_per_s": img_s, "batch": batch, "peak_mem_gib": _peak_gib(), "first_step_s": first_s,

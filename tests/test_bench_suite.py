@@ -1,0 +1,66 @@
+"""The benchmark suite's smoke mode (what CI runs on CPU) and the ledger generator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_smoke_suite_runs_every_part(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--suite", "smoke", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["schema_version"] == 1 and results["suite"] == "smoke"
+    assert [p["name"] for p in results["parts"]] == ["norms", "attention", "model", "dataloader"]
+    assert all(p["status"] == "ok" for p in results["parts"])
+    # every part produced rows, each naming its provider and shape
+    parts_with_rows = {r["part"] for r in results["rows"]}
+    assert parts_with_rows == {"norms", "attention", "model", "dataloader"}
+    assert all(r["provider"] and r["shape"] for r in results["rows"])
+    assert "| norms |" in (tmp_path / "summary.md").read_text()
+
+
+def test_gpu_suite_refuses_without_gpu(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--suite", "gpu", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "needs a CUDA GPU" in proc.stderr
+
+
+def test_ledger_is_generated_from_run_folders(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    import ledger
+
+    run = tmp_path / "2026-11-27-h100-abc1234"
+    run.mkdir()
+    row = {"part": "norms", "case": "layer_norm fwd", "shape": "B=8 N=1024 C=1152", "provider": "ditperf",
+           "ms": 0.0123, "gbps": 2712.3, "tflops": None, "pct_roof": 90.4, "roof": "copy",
+           "ratio_to_baseline": 2.5, "baseline": "eager"}
+    (run / "results.json").write_text(json.dumps({"date": "2026-11-27T10:00:00+00:00", "gpu": "H100",
+                                                  "rows": [row]}))
+    older = tmp_path / "2026-11-26-h100-0000000"
+    older.mkdir()
+    (older / "results.json").write_text(json.dumps({"date": "2026-11-26T10:00:00+00:00", "gpu": "H100",
+                                                    "rows": [{**row, "ms": 1.0}]}))
+    (tmp_path / "README.md").write_text(f"# ledger\n\n{ledger.BEGIN}\nold\n{ledger.END}\ntail\n")
+    assert ledger.main(["--results", str(tmp_path), "--check"]) == 1
+    assert ledger.main(["--results", str(tmp_path)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "0.0123" in text and "| 1.0000 |" not in text  # the newest run wins
+    assert text.endswith("tail\n") and "old" not in text
+    assert ledger.main(["--results", str(tmp_path), "--check"]) == 0
+
+
+def test_committed_ledger_is_up_to_date() -> None:
+    assert subprocess.run([sys.executable, str(REPO / "bench" / "ledger.py"), "--check"]).returncode == 0
