@@ -44,11 +44,18 @@ read as fp32 and their gradients come back in their own dtype.
 Limits: 1 <= C <= MAX_C (16384): the whole row is held in registers (one pass over memory;
 BLOCK_C = next_power_of_2(C)). eps >= 0.
 
-Grid: forward, one program per ROWS rows of one row group (a sample when modulated), so the
-per-sample vectors are loaded once per program; backward, a fixed number of programs per
-row group (about 4 per SM in total), each looping over its rows and keeping the dweight /
-dbias / dshift / dscale / dgate partial sums in registers, then writing one fp32 partial row
-per program; a torch ``.sum`` over the small (programs, C) buffer finishes them. On a GPU,
+Rows: all leading dims form one flat row-major index r; a strided layout is described by
+up to three levels (R0, R1, R2) with per-tensor strides, and the kernels decompose r into
+(i0, i1, i2) with an int32 div/mod per row (none for a single level, e.g. contiguous x).
+Row groups: with shift/scale/gate, one group per sample (rows [b*N, (b+1)*N)), so each
+program loads its sample's vectors once; without them, one group of ALL rows, so tiles
+straddle sample/head boundaries (QK-norm of q sliced from a fused qkv tensor, (B, N, H, D)
+with H*D < row stride, gets cdiv(B*N*H, ROWS) programs, not B*N groups of H rows).
+
+Grid: forward, one program per ROWS rows of one row group; backward, a fixed number of
+programs per row group (about 4 per SM in total), each looping over its rows and keeping the
+dweight / dbias / dshift / dscale / dgate partial sums in registers, then writing one fp32
+partial row per program; a torch ``.sum`` over the small (programs, C) buffer finishes them. On a GPU,
 ``ROWS`` and ``num_warps`` are autotuned per ``BLOCK_C`` (key: C and the feature flags); under
 the interpreter one config with large row blocks (its cost is per program step).
 
@@ -121,50 +128,88 @@ def _normalize_rows(x, mask, rmask, C, eps, IS_RMS: tl.constexpr):
 
 
 @triton.jit
+def _row_index(rows, R1, R2, LEVELS: tl.constexpr):
+    """(i0, i1, i2) of flat row indices ``rows`` (int32 [ROWS]) as int64 [ROWS, 1] columns.
+
+    The rows of x (..., C) form one row-major index space r over up to three leading levels
+    of sizes (R0, R1, R2): r = (i0 * R1 + i1) * R2 + i2, so a tile of consecutive rows may
+    straddle level boundaries. The div/mod run once per row (not per element), in int32.
+    LEVELS (constexpr) is the number of levels in use: with 1 (contiguous rows) there is no
+    division at all; unused indices are returned as i2 and must not be read (see _offs).
+    """
+    if LEVELS == 1:
+        i2 = rows
+        i1 = rows
+        i0 = rows
+    elif LEVELS == 2:
+        i2 = rows % R2
+        i1 = rows // R2
+        i0 = i1
+    else:
+        t = rows // R2
+        i2 = rows - t * R2
+        i0 = t // R1
+        i1 = t - i0 * R1
+    return (i0.to(tl.int64)[:, None], i1.to(tl.int64)[:, None], i2.to(tl.int64)[:, None])
+
+
+@triton.jit
+def _offs(i0, i1, i2, s0, s1, s2, LEVELS: tl.constexpr):
+    """Element offsets of the rows (i0, i1, i2) of one tensor with row strides (s0, s1, s2)."""
+    if LEVELS == 1:
+        off = i2 * s2
+    elif LEVELS == 2:
+        off = i1 * s1 + i2 * s2
+    else:
+        off = i0 * s0 + i1 * s1 + i2 * s2
+    return off
+
+
+@triton.jit
 def _norm_fwd_kernel(
     X, Y, GATE, W, BIAS, SHIFT, SCALE, OUT, XNEW,
-    R1, R2, C,
+    G, R1, R2, C,
     sx0, sx1, sx2, sy0, sy1, sy2, so0, so1, so2, sn0, sn1, sn2,
     s_gate, s_shift, s_scale,
     eps,
     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, LEVELS: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """Forward of one [ROWS, BLOCK_C] tile of rows of row group q = (i0, i1).
+    """Forward of one [ROWS, BLOCK_C] tile of rows of row group q.
 
-    Rows are indexed (i0, i1, i2) with i2 < R2 the row inside the group; element offsets are
-    i0*s0 + i1*s1 + i2*s2 + c for each tensor (its own strides). When modulated, the group is
-    the sample b (R0 = 1, R1 = B) and shift/scale/gate rows are loaded once per program.
+    The rows form groups of G consecutive flat rows: the sample b (G = N) when modulated, so
+    shift/scale/gate rows are loaded once per program; otherwise one group of all rows, so a
+    tile may span level boundaries of a strided layout (see _row_index). Element offsets are
+    i0*s0 + i1*s1 + i2*s2 + c for each tensor (its own strides).
       HAS_RESIDUAL: x <- x + gate[q] * y (gate = 1 without HAS_GATE), stored to XNEW in x's
                     dtype and normalized as stored (rounded), like eager does.
       out = (norm(x) * w + b) * (1 + scale[q]) + shift[q]   (each factor optional)
     """
     pid = tl.program_id(0)
-    n_blk = tl.cdiv(R2, ROWS)
+    n_blk = tl.cdiv(G, ROWS)
     q = pid // n_blk
     blk = pid - q * n_blk
     q64 = q.to(tl.int64)
-    i0 = q64 // R1
-    i1 = q64 % R1
-    rows = blk * ROWS + tl.arange(0, ROWS)
-    rmask = rows < R2
-    r64 = rows.to(tl.int64)[:, None]
+    local = blk * ROWS + tl.arange(0, ROWS)
+    rmask = local < G
+    i0, i1, i2 = _row_index(q * G + local, R1, R2, LEVELS)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
     mask = rmask[:, None] & cmask[None, :]
     c2 = cols[None, :]
 
-    x = tl.load(X + (i0 * sx0 + i1 * sx1) + r64 * sx2 + c2, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + _offs(i0, i1, i2, sx0, sx1, sx2, LEVELS) + c2, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        y = tl.load(Y + (i0 * sy0 + i1 * sy1) + r64 * sy2 + c2, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + _offs(i0, i1, i2, sy0, sy1, sy2, LEVELS) + c2, mask=mask,
+                    other=0.0).to(tl.float32)
         if HAS_GATE:
             g = tl.load(GATE + q64 * s_gate + cols, mask=cmask, other=0.0).to(tl.float32)
             x = x + g[None, :] * y
         else:
             x = x + y
         xn = x.to(XNEW.dtype.element_ty)
-        tl.store(XNEW + (i0 * sn0 + i1 * sn1) + r64 * sn2 + c2, xn, mask=mask)
+        tl.store(XNEW + _offs(i0, i1, i2, sn0, sn1, sn2, LEVELS) + c2, xn, mask=mask)
         x = xn.to(tl.float32)
 
     h, _rstd = _normalize_rows(x, mask, rmask, C, eps, IS_RMS)
@@ -180,24 +225,26 @@ def _norm_fwd_kernel(
     if HAS_SHIFT:
         sh = tl.load(SHIFT + q64 * s_shift + cols, mask=cmask, other=0.0).to(tl.float32)
         h = h + sh[None, :]
-    tl.store(OUT + (i0 * so0 + i1 * so1) + r64 * so2 + c2, h.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + _offs(i0, i1, i2, so0, so1, so2, LEVELS) + c2, h.to(OUT.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
 def _norm_bwd_kernel(
     X, DH, DXN, Y, GATE, W, BIAS, SCALE, DX, DY,
     PART_W, PART_B, PART_SHIFT, PART_SCALE, PART_GATE,
-    R1, R2, C, P, rows_per_prog,
+    G, R1, R2, C, P, rows_per_prog,
     sx0, sx1, sx2, sd0, sd1, sd2, se0, se1, se2, sy0, sy1, sy2,
     sdx0, sdx1, sdx2, sdy0, sdy1, sdy2,
     s_gate, s_scale,
     eps,
     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DXN: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, LEVELS: tl.constexpr,
     BLOCK_C: tl.constexpr, ROWS: tl.constexpr, STATIC_ITERS: tl.constexpr,
 ):
-    """Backward for rows [p*rows_per_prog, (p+1)*rows_per_prog) of row group q.
+    """Backward for rows [p*rows_per_prog, (p+1)*rows_per_prog) of row group q (G rows:
+    the sample when modulated, else all rows; rows decomposed as in the forward).
 
     X is the normalized input (x_new for the gated op). Per tile, with s = 1 + scale[q]:
       h0 = xhat*w + b;  dh0 = dh*s;  g = dh0*w
@@ -210,10 +257,8 @@ def _norm_bwd_kernel(
     q = pid // P
     p = pid - q * P
     q64 = q.to(tl.int64)
-    i0 = q64 // R1
-    i1 = q64 % R1
-    row_lo = p * rows_per_prog
-    row_hi = tl.minimum(row_lo + rows_per_prog, R2)
+    row_lo = q * G + p * rows_per_prog
+    row_hi = q * G + tl.minimum(p * rows_per_prog + rows_per_prog, G)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
     c2 = cols[None, :]
@@ -239,10 +284,12 @@ def _norm_bwd_kernel(
     for it in range(STATIC_ITERS if STATIC_ITERS > 0 else tl.cdiv(rows_per_prog, ROWS)):
         rows = row_lo + it * ROWS + tl.arange(0, ROWS)
         rmask = rows < row_hi
-        r64 = rows.to(tl.int64)[:, None]
+        i0, i1, i2 = _row_index(rows, R1, R2, LEVELS)
         mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(X + (i0 * sx0 + i1 * sx1) + r64 * sx2 + c2, mask=mask, other=0.0).to(tl.float32)
-        dh = tl.load(DH + (i0 * sd0 + i1 * sd1) + r64 * sd2 + c2, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + _offs(i0, i1, i2, sx0, sx1, sx2, LEVELS) + c2, mask=mask,
+                    other=0.0).to(tl.float32)
+        dh = tl.load(DH + _offs(i0, i1, i2, sd0, sd1, sd2, LEVELS) + c2, mask=mask,
+                     other=0.0).to(tl.float32)
         xhat, rstd = _normalize_rows(x, mask, rmask, C, eps, IS_RMS)
         if HAS_SHIFT:
             acc_shift += dh
@@ -267,15 +314,16 @@ def _norm_bwd_kernel(
             dx = (dh - xhat * c_xhat[:, None] - c_mean[:, None]) * rstd[:, None]
         if HAS_RESIDUAL:
             if HAS_DXN:
-                dx += tl.load(DXN + (i0 * se0 + i1 * se1) + r64 * se2 + c2, mask=mask,
+                dx += tl.load(DXN + _offs(i0, i1, i2, se0, se1, se2, LEVELS) + c2, mask=mask,
                               other=0.0).to(tl.float32)
             if HAS_GATE:
-                y = tl.load(Y + (i0 * sy0 + i1 * sy1) + r64 * sy2 + c2, mask=mask,
+                y = tl.load(Y + _offs(i0, i1, i2, sy0, sy1, sy2, LEVELS) + c2, mask=mask,
                             other=0.0).to(tl.float32)
                 acc_gate += dx * y
-                tl.store(DY + (i0 * sdy0 + i1 * sdy1) + r64 * sdy2 + c2,
+                tl.store(DY + _offs(i0, i1, i2, sdy0, sdy1, sdy2, LEVELS) + c2,
                          (dx * g8[None, :]).to(DY.dtype.element_ty), mask=mask)
-        tl.store(DX + (i0 * sdx0 + i1 * sdx1) + r64 * sdx2 + c2, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + _offs(i0, i1, i2, sdx0, sdx1, sdx2, LEVELS) + c2, dx.to(DX.dtype.element_ty),
+                 mask=mask)
 
     part = pid.to(tl.int64) * C + cols
     if HAS_WEIGHT:
@@ -350,22 +398,22 @@ def _device_ctx(device: torch.device):
 
 
 # --------------------------------------------------------------------------------------
-# Row layout: leading dims -> (R0, R1, R2) with per-tensor strides
+# Row layout: leading dims -> flat rows over (R0, R1, R2) with per-tensor strides
 # --------------------------------------------------------------------------------------
 
 
-def _row_layout(tensors: list[torch.Tensor], per_sample: bool
+def _row_layout(tensors: list[torch.Tensor]
                 ) -> tuple[tuple[int, int, int], list[tuple[int, int, int]]] | None:
     """Describe the rows of same-shaped tensors (..., C) as three nested indices.
 
     Returns ((R0, R1, R2), [(s0, s1, s2) per tensor]) or None when the leading dims need
-    more than three levels for some tensor. ``per_sample``: x is (B, N, C) and the row group
-    must be the sample (R0 = 1, R1 = B, R2 = N). Otherwise size-1 dims are dropped and
-    adjacent dims merged where every tensor allows it (contiguous inputs become one level).
+    more than three levels for some tensor. Size-1 dims are dropped and adjacent dims merged
+    where every tensor allows it (contiguous inputs become one level); missing outer levels
+    get size 1. The flat row index r = (i0 * R1 + i1) * R2 + i2 is the row-major index over
+    all leading dims, so a per-sample row group (sample b = rows [b*N, (b+1)*N)) is a range
+    of r whatever the layout.
     """
     shape = tensors[0].shape[:-1]
-    if per_sample:
-        return (1, shape[0], shape[1]), [(0, t.stride(0), t.stride(1)) for t in tensors]
     dims = [(size, [t.stride(i) for t in tensors]) for i, size in enumerate(shape) if size != 1]
     merged: list[tuple[int, list[int]]] = []
     for size, strides in dims:
@@ -382,6 +430,28 @@ def _row_layout(tensors: list[torch.Tensor], per_sample: bool
     sizes = tuple(m[0] for m in merged)
     per_tensor = [tuple(m[1][k] for m in merged) for k in range(len(tensors))]
     return sizes, per_tensor  # type: ignore[return-value]
+
+
+def _levels(sizes: tuple[int, int, int]) -> int:
+    """Row levels the kernels must decompose (constexpr LEVELS): 1 = one stride, no div/mod."""
+    return 3 if sizes[0] > 1 else 2 if sizes[1] > 1 else 1
+
+
+#: Flat row indices are int32 in the kernels (tile overhang included).
+_MAX_ROWS = 2**31 - 1 - MAX_C
+
+
+def _row_groups(x: torch.Tensor, per_sample: bool) -> tuple[int, int]:
+    """(groups, G): with per-sample vectors one group per sample (G = N rows) so that each
+    program loads its sample's vectors once; otherwise all rows form one group, so tiles of
+    ROWS rows span samples/heads and the program count is set by the total row count."""
+    rows = x.numel() // x.shape[-1]
+    if rows > _MAX_ROWS:
+        raise ValueError(f"x has {rows} rows (all leading dims); the kernels index rows in int32 "
+                         f"and support at most {_MAX_ROWS}")
+    if per_sample:
+        return x.shape[0], x.shape[1]
+    return 1, rows
 
 
 # --------------------------------------------------------------------------------------
@@ -457,7 +527,8 @@ def _norm_fwd(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None
     out = torch.empty_like(x)
     xnew = torch.empty_like(x) if y is not None else None
     tensors = [x, out] + ([y, xnew] if y is not None else [])
-    layout = _row_layout(tensors, per_sample)  # type: ignore[arg-type]
+    groups, G = _row_groups(x, per_sample)
+    layout = _row_layout(tensors)  # type: ignore[arg-type]
     if layout is None:  # > 3 unmergeable leading dims: run on contiguous copies
         h_c, xn_c = _norm_fwd(x.contiguous(), None if y is None else y.contiguous(), gate, weight,
                               bias, shift, scale, eps, is_rms)
@@ -465,23 +536,23 @@ def _norm_fwd(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None
         if xnew is not None:
             xnew.copy_(xn_c)
         return out, xnew
-    (_, R1, R2), strides = layout
+    sizes, strides = layout
     z = (0, 0, 0)
     sx, so = strides[0], strides[1]
     sy, sn = (strides[2], strides[3]) if y is not None else (z, z)
-    groups = x.numel() // C // R2
     kernel = _fwd_kernel(block_c)
 
     def grid(meta):
-        return (groups * triton.cdiv(R2, meta["ROWS"]),)
+        return (groups * triton.cdiv(G, meta["ROWS"]),)
 
     with _device_ctx(x.device):
         kernel[grid](
             x, y, gate, weight, bias, shift, scale, out, xnew,
-            R1, R2, C, *sx, *sy, *so, *sn, _s(gate), _s(shift), _s(scale), eps,
+            G, sizes[1], sizes[2], C, *sx, *sy, *so, *sn, _s(gate), _s(shift), _s(scale), eps,
             IS_RMS=is_rms, HAS_RESIDUAL=y is not None, HAS_GATE=gate is not None,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, BLOCK_C=block_c,
+            HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, LEVELS=_levels(sizes),
+            BLOCK_C=block_c,
         )
     return out, xnew
 
@@ -502,7 +573,8 @@ def _norm_bwd(dh: torch.Tensor, x: torch.Tensor, dxn: torch.Tensor | None, y: to
     dx = torch.empty_like(x)
     dy = torch.empty_like(y) if (y is not None and gate is not None) else None
     tensors = [x, dh, dx] + [t for t in (dxn, y, dy) if t is not None]
-    layout = _row_layout(tensors, per_sample)
+    groups, G = _row_groups(x, per_sample)
+    layout = _row_layout(tensors)
     if layout is None:  # > 3 unmergeable leading dims: run on contiguous copies
         grads = _norm_bwd(dh.contiguous(), x.contiguous(), None if dxn is None else dxn.contiguous(),
                           None if y is None else y.contiguous(), gate, weight, bias, shift, scale,
@@ -511,18 +583,17 @@ def _norm_bwd(dh: torch.Tensor, x: torch.Tensor, dxn: torch.Tensor | None, y: to
         if dy is not None:
             dy.copy_(grads[1])
         return [dx] + ([dy] if dy is not None else []) + grads[1 + (dy is not None):]
-    (_, R1, R2), strides = layout
+    sizes, strides = layout
     rest = iter(strides[3:])
     z = (0, 0, 0)
     se = next(rest) if dxn is not None else z
     sy = next(rest) if y is not None else z
     sdy = next(rest) if dy is not None else z
 
-    groups = x.numel() // C // R2
     min_rows = _interp_rows(block_c) if INTERPRET else 1
     target = 4 * num_sms(x.device)
-    P = max(1, min(triton.cdiv(target, groups), triton.cdiv(R2, min_rows)))
-    rows_per_prog = triton.cdiv(R2, P)
+    P = max(1, min(triton.cdiv(target, groups), triton.cdiv(G, min_rows)))
+    rows_per_prog = triton.cdiv(G, P)
     n_part = sum(t is not None for t in (weight, bias, shift, scale, gate))
     part = torch.empty((max(n_part, 1), groups * P, C), device=x.device, dtype=torch.float32)
     slots = iter(range(n_part))
@@ -533,13 +604,13 @@ def _norm_bwd(dh: torch.Tensor, x: torch.Tensor, dxn: torch.Tensor | None, y: to
         kernel[(groups * P,)](
             x, dh, dxn, y, gate, weight, bias, scale, dx, dy,
             pw, pb, psh, psc, pg,
-            R1, R2, C, P, rows_per_prog,
+            G, sizes[1], sizes[2], C, P, rows_per_prog,
             *strides[0], *strides[1], *se, *sy, *strides[2], *sdy,
             _s(gate), _s(scale), eps,
             IS_RMS=is_rms, HAS_RESIDUAL=y is not None, HAS_DXN=dxn is not None,
             HAS_GATE=gate is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, BLOCK_C=block_c,
-            STATIC_ITERS=triton.cdiv(rows_per_prog, min_rows) if INTERPRET else 0,
+            HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, LEVELS=_levels(sizes),
+            BLOCK_C=block_c, STATIC_ITERS=triton.cdiv(rows_per_prog, min_rows) if INTERPRET else 0,
         )
     grads = [dx]
     if dy is not None:

@@ -198,6 +198,84 @@ def test_rms_norm_keeps_transposed_layout(device):
     assert out.shape == x.shape and out.stride() == x.stride()
 
 
+def _qkv_q(B: int, N: int, H: int, D: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Leaves for QK-norm of q sliced out of a fused qkv projection (B, N, 3*H*D)."""
+    return [rand((B, N, 3 * H * D), dtype, device, std=2.0), rand((D,), dtype, device, std=0.1, mean=1.0)]
+
+
+def _q_of(qkv: torch.Tensor, H: int) -> torch.Tensor:
+    """q as the model slices it: (B, N, H, D) with strides (N*3*H*D, 3*H*D, D, 1)."""
+    B, N, _ = qkv.shape
+    return qkv.view(B, N, 3, H, -1)[:, :, 0]
+
+
+@pytest.mark.parametrize("bwd_programs", ["default", "one-looping"])
+def test_rms_norm_qkv_slice_rows_straddle_tiles(bwd_programs, device, monkeypatch):
+    """q (B, N, H, D) from a fused qkv tensor: two row levels (B*N, H) that do not merge.
+    All rows form one flat index space, so tiles of ROWS rows start and end inside a
+    (b, n) group of H rows; the total row count (3*25*3 = 225) is not a multiple of ROWS
+    (128 under the interpreter at D = 256), nor is the backward's rows per program (113)."""
+    if bwd_programs == "one-looping":  # one backward program looping over 2 straddling tiles
+        monkeypatch.setattr(norms_mod, "num_sms", lambda _device: 0)
+    B, N, H, D = 3, 25, 3, 256
+    leaves = _qkv_q(B, N, H, D, F32, device)
+    q = _q_of(leaves[0], H)
+    assert q.stride() == (N * 3 * H * D, 3 * H * D, D, 1)
+    check_against_refs(lambda qkv, w: rms_norm(_q_of(qkv, H), w),
+                       lambda qkv, w: rms_norm_ref(_q_of(qkv, H), w), leaves, ["qkv", "weight"])
+
+
+def test_rms_norm_three_strided_levels(device):
+    """q sliced from qkv and transposed to (B, H, N, D): strides (N*3*H*D, D, 3*H*D, 1), three
+    row levels; 3*7*9 = 189 rows, so the first 128-row tile crosses every level boundary."""
+    B, N, H, D = 3, 9, 7, 256
+    leaves = _qkv_q(B, N, H, D, F16, device)
+    q = _q_of(leaves[0], H).transpose(1, 2)
+    assert norms_mod._levels(norms_mod._row_layout([q])[0]) == 3
+    check_against_refs(lambda qkv, w: rms_norm(_q_of(qkv, H).transpose(1, 2), w),
+                       lambda qkv, w: rms_norm_ref(_q_of(qkv, H).transpose(1, 2), w), leaves,
+                       ["qkv", "weight"])
+    out = rms_norm(q, leaves[1])
+    assert out.stride() == torch.empty_like(q).stride()
+
+
+class _GridSpy:
+    """Wraps a launcher's kernel factory and records the number of programs per launch."""
+
+    def __init__(self, factory: Callable) -> None:
+        self.factory, self.programs = factory, []
+
+    def __call__(self, block_c: int):
+        kernel, spy = self.factory(block_c), self
+        rows = norms_mod._interp_rows(block_c)
+
+        class _Launch:
+            def __getitem__(self, grid):
+                g = grid({"ROWS": rows}) if callable(grid) else grid
+                spy.programs.append(g[0])
+                return kernel[grid]
+
+        return _Launch()
+
+
+@pytest.mark.skipif(not _common.INTERPRET, reason="program counts of the interpreter's tile sizes")
+def test_program_counts(device, monkeypatch):
+    """Without per-sample vectors the grid covers all rows at once (the tiny DiT's QK-norm:
+    B*N*H = 512 rows of D = 32 -> one program forward and backward, not B*N = 256 groups); with
+    them one forward program per sample (rows of one sample share the modulation vectors)."""
+    fwd, bwd = _GridSpy(norms_mod._fwd_kernel), _GridSpy(norms_mod._bwd_kernel)
+    monkeypatch.setattr(norms_mod, "_fwd_kernel", fwd)
+    monkeypatch.setattr(norms_mod, "_bwd_kernel", bwd)
+    B, N, H, D = 16, 16, 2, 32
+    qkv = rand((B, N, 3 * H * D), F32, device).requires_grad_()
+    rms_norm(_q_of(qkv, H), rand((D,), F32, device, mean=1.0)).sum().backward()
+    assert (fwd.programs, bwd.programs) == ([1], [1])
+    x = rand((B, N, 64), F32, device).requires_grad_()
+    sh, sc = rand((B, 64), F32, device), rand((B, 64), F32, device)
+    layer_norm(x, shift=sh, scale=sc).sum().backward()
+    assert fwd.programs[1] == B and bwd.programs[1] == B
+
+
 # ----------------------------------------------------------------------------------------
 # gated_residual_layer_norm
 # ----------------------------------------------------------------------------------------
@@ -365,12 +443,13 @@ def sig(fn, consts, ptr):
             for n in fn.arg_names}
 
 target = GPUTarget("cuda", 90, 32)
-# (IS_RMS, gated, weight+bias, modulated, BLOCK_C, ROWS, num_warps, dtype)
-for rms, gated, wb, mod, bc, rows, warps, dt in [
-        (False, True, False, True, 2048, 1, 16, "bf16"), (False, False, True, True, 1024, 2, 8, "fp16"),
-        (True, False, True, False, 128, 16, 16, "bf16"), (False, False, False, True, 8192, 1, 16, "fp32")]:
+# (IS_RMS, gated, weight+bias, modulated, row LEVELS, BLOCK_C, ROWS, num_warps, dtype)
+for rms, gated, wb, mod, lv, bc, rows, warps, dt in [
+        (False, True, False, True, 1, 2048, 1, 16, "bf16"), (False, False, True, True, 2, 1024, 2, 8, "fp16"),
+        (True, False, True, False, 2, 128, 16, 16, "bf16"), (True, False, True, False, 3, 64, 64, 4, "fp16"),
+        (False, False, False, True, 1, 8192, 1, 16, "fp32")]:
     flags = dict(IS_RMS=rms, HAS_RESIDUAL=gated, HAS_GATE=gated, HAS_WEIGHT=wb, HAS_BIAS=wb and not rms,
-                 HAS_SHIFT=mod, HAS_SCALE=mod, BLOCK_C=bc, ROWS=rows)
+                 HAS_SHIFT=mod, HAS_SCALE=mod, LEVELS=lv, BLOCK_C=bc, ROWS=rows)
     none = {"Y": gated, "XNEW": gated, "GATE": gated, "W": wb, "BIAS": wb and not rms, "SHIFT": mod, "SCALE": mod}
     c = {**flags, **{k: None for k, v in none.items() if not v}}
     ptr = {n: "*" + dt for n in ("X", "Y", "GATE", "W", "BIAS", "SHIFT", "SCALE", "OUT", "XNEW")}
