@@ -4,8 +4,10 @@
     python bench/run.py --suite smoke --out DIR          # tiny, CPU, correctness only (CI)
 
 Parts run in priority order, each in its own subprocess with a time box (a hang or crash in
-one part leaves the others' results): machine roofs, GPU-marked tests, norms, attention,
-model, power calibration, a power-profiled training burst. Each part writes its own JSON
+one part leaves the others' results): machine roofs, GPU-marked kernel tests, norms,
+attention, a power-profiled training burst (bench/model.py --train-only), the power
+calibration, the other GPU-marked tests, Composer training torch vs triton (bench/train.py),
+the model benchmark (training + inference). ``--only`` picks parts (e.g. to rerun some). Each part writes its own JSON
 under DIR/parts/; this script merges them into DIR/results.json (schema below) and
 DIR/summary.md. A part that runs out of time or fails is recorded with its status and the
 tail of its log, never dropped.
@@ -43,20 +45,29 @@ def py(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
+def _pytest(name: str, files: list[str], budget_s: float) -> Part:
+    tests = HERE.parent / "tests"
+    return Part(name, py("-m", "pytest", "-m", "gpu", "-q", "--no-header", "-p", "no:cacheprovider", "-rfEs",
+                         f"--junitxml={{dir}}/parts/{name}.xml", *[str(tests / f) for f in files]),
+                budget_s, produces_rows=False)
+
+
 def gpu_parts() -> list[Part]:
     return [
-        Part("roofs", py(str(HERE / "roofs.py"), "--out", "{out}"), 60),
-        Part("gpu-tests", py("-m", "pytest", "-m", "gpu", "-q", "-x", "--no-header", "-p", "no:cacheprovider",
-                             f"--junitxml={{dir}}/parts/gpu-tests.xml", str(HERE.parent / "tests")),
-             150, produces_rows=False),
-        Part("norms", py(str(HERE / "norms.py"), "--quick", "--out", "{out}"), 90),
-        Part("attention", py(str(HERE / "attention.py"), "--quick", "--out", "{out}"), 120),
-        Part("model", py(str(HERE / "model.py"), "--quick", "--out", "{out}"), 150),
-        Part("calibrate", ["ditperf", "profile", "calibrate", "--seconds", "30", "--out", "{out}"], 90,
-             produces_rows=False),
+        Part("roofs", py(str(HERE / "roofs.py"), "--out", "{out}"), 40),
+        _pytest("gpu-tests-kernels", ["test_norms.py", "test_attention.py"], 120),
+        Part("norms", py(str(HERE / "norms.py"), "--quick", "--out", "{out}"), 80),
+        Part("attention", py(str(HERE / "attention.py"), "--quick", "--out", "{out}"), 110),
         Part("power-train", ["ditperf", "profile", "power", "--out", "{dir}/power-train", "--",
                              sys.executable, str(HERE / "model.py"), "--quick", "--train-only",
-                             "--out", "{out}"], 90),
+                             "--out", "{out}"], 120),
+        Part("calibrate", ["ditperf", "profile", "calibrate", "--seconds", "30", "--out", "{out}"], 80,
+             produces_rows=False),
+        _pytest("gpu-tests-rest", ["test_model_backends.py", "test_profiling_gpu.py", "test_trainer.py",
+                                   "test_export_onnx.py"], 120),
+        Part("train", py(str(HERE / "train.py"), "--preset", "dit-xl-2", "--batches", "50", "--out", "{out}"), 150),
+        Part("model", py(str(HERE / "model.py"), "--quick", "--out", "{out}"), 150),
+        Part("demo", ["ditperf", "demo", "--device", "gpu", "--out", "{dir}/demo"], 200, produces_rows=False),
     ]
 
 
@@ -66,6 +77,7 @@ def smoke_parts() -> list[Part]:
         Part("attention", py(str(HERE / "attention.py"), "--smoke", "--out", "{out}"), 180),
         Part("model", py(str(HERE / "model.py"), "--smoke", "--out", "{out}"), 180),
         Part("dataloader", py(str(HERE / "dataloader.py"), "--smoke", "--out", "{out}"), 120),
+        Part("train", py(str(HERE / "train.py"), "--smoke", "--out", "{out}"), 180),
     ]
 
 

@@ -171,7 +171,7 @@ def step_export(demo: Demo) -> dict[str, Any]:
         demo.add_file(p)
     export = json.loads((demo.out / "export.json").read_text())
     coverage = json.loads(coverage_json.read_text())
-    return {"onnx": str(onnx_path), "export": _pick(export, ("opset", "nodes", "op_counts", "check")),
+    return {"onnx": str(onnx_path), "export": _pick(export, ("opset", "nodes", "ops", "check", "notes")),
             "coverage_percent": _pick(coverage, ("summary",)).get("summary"), "fully_supported": rc == 0}
 
 
@@ -320,8 +320,11 @@ def _headline(step: Step) -> str:
     if step.name == "backends":
         return f"max |triton - torch| = {r['max_abs_diff']:.2e} (relative {r['max_rel_diff']:.1e}, {r['dtype']})"
     if step.name == "export":
-        cov = r.get("coverage_percent")
-        return f"{r['onnx']}; TensorRT coverage {cov}; fully supported: {r['fully_supported']}"
+        cov = r.get("coverage_percent") or {}
+        pct = cov.get("percent_supported")
+        coverage = f"{cov.get('supported_nodes')}/{cov.get('nodes')} nodes ({pct:.0f}%)" if pct is not None else "?"
+        return (f"model.onnx, opset {r['export'].get('opset', '?')}; TensorRT coverage {coverage}"
+                + ("" if r["fully_supported"] else " (not fully supported)"))
     if step.name == "sample":
         return f"{r['shape']} in {r['seconds']:.2f} s ({r['steps']} Euler steps, CFG {r['cfg_scale']})"
     return ""

@@ -18,11 +18,11 @@ def test_smoke_suite_runs_every_part(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["schema_version"] == 1 and results["suite"] == "smoke"
-    assert [p["name"] for p in results["parts"]] == ["norms", "attention", "model", "dataloader"]
+    assert [p["name"] for p in results["parts"]] == ["norms", "attention", "model", "dataloader", "train"]
     assert all(p["status"] == "ok" for p in results["parts"])
     # every part produced rows, each naming its provider and shape
     parts_with_rows = {r["part"] for r in results["rows"]}
-    assert parts_with_rows == {"norms", "attention", "model", "dataloader"}
+    assert parts_with_rows == {"norms", "attention", "model", "dataloader", "train"}
     assert all(r["provider"] and r["shape"] for r in results["rows"])
     assert "| norms |" in (tmp_path / "summary.md").read_text()
 

@@ -1,0 +1,89 @@
+"""Composer training throughput: ``ditperf train`` of a preset with backend=torch, then
+backend=triton, img/s and MFU as Composer's SpeedMonitor reports them.
+
+    python bench/train.py [--preset dit-xl-2] [--batches 50] [--out FILE.json]
+    python bench/train.py --smoke          # tiny preset on CPU, 4 batches each (plumbing only)
+
+Each backend runs in its own process (``ditperf train <config> ...``) on the same synthetic
+MDS dataset (``ditperf data synth``), so one run's compiled kernels or memory don't leak into
+the other. Rows: ms per global batch (= global batch / img/s over SpeedMonitor's last window),
+TFLOP/s per device from SpeedMonitor (analytic FLOPs from ``ditperf.model.flops``), and in
+``extra``: img/s, MFU (Composer's, vs the datasheet bf16 peak: 989 TFLOP/s for H100 SXM),
+final loss, and the power summary when ditperf's PowerCallback ran (on a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import Row, base_parser, finish, roofs_or_none
+
+BENCH = "train"
+
+
+def _train(config: str, data: Path, backend: str, batches: int, out_json: Path, extra: list[str]) -> dict:
+    window = min(20, max(1, batches // 2))  # SpeedMonitor's window: the steady state, not the first steps
+    argv = ["ditperf", "train", config, f"data.local={data}", f"model.backend={backend}",
+            f"max_duration={batches}ba", f"callbacks.speed_monitor.window_size={window}", "console_log_interval=10ba",
+            f"summary_file={out_json}", *extra]
+    print("$ " + " ".join(argv), flush=True)
+    proc = subprocess.run(argv)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ditperf train ({backend}) exited {proc.returncode}")
+    return json.loads(out_json.read_text())
+
+
+def run(smoke: bool = False, quick: bool = False, *, preset: str = "dit-xl-2", batches: int = 50) -> list[Row]:
+    config, extra = (preset, [])
+    if smoke:
+        config, preset, batches = "tiny-cpu", "tiny", 4
+        extra = ["global_train_batch_size=8", "data.num_workers=0", "data.persistent_workers=false"]
+    work = Path(tempfile.mkdtemp(prefix="ditperf-train-bench-"))
+    data = work / "data"
+    num = 512 if smoke else 8192
+    subprocess.run(["ditperf", "data", "synth", "--out", str(data), "--preset", preset, "--num", str(num),
+                    "--quiet"], check=True)
+    rows = []
+    for backend in ("torch", "triton"):
+        try:
+            s = _train(config, data, backend, batches, work / f"summary-{backend}.json",
+                       [f"model.preset={preset}", *extra])
+        except Exception as exc:  # noqa: BLE001 - record and go on with the other backend
+            rows.append(Row(BENCH, f"train {preset}", "-", backend, None, extra={"error": str(exc)}))
+            continue
+        gbs = s["device_batch_size"] * s["world_size"]
+        img_s = s.get("img_per_s_last")
+        ms = 1e3 * gbs / img_s if img_s else None
+        shape = f"global batch {gbs}, {s['batches']} batches, {s['precision']}"
+        rows.append(Row(BENCH, f"train {preset}", shape, backend, ms, tflops=s.get("tflops_per_device_last"),
+                        extra={"img_per_s": img_s, "mfu_composer": s.get("mfu_last"), "loss_last": s.get("loss_last"),
+                               "gpu": s.get("gpu"), "power": s.get("power")}))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser(__doc__)
+    p.add_argument("--preset", default="dit-xl-2")
+    p.add_argument("--batches", type=int, default=50)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available() and not args.smoke:
+        print("bench/train.py needs a GPU (or --smoke)", file=sys.stderr)
+        return 2
+    rows = run(args.smoke, args.quick, preset=args.preset, batches=args.batches)
+    finish(rows, title="Composer training: " + (rows[0].case if rows else args.preset), baseline="torch", out=args.out,
+           roofs=roofs_or_none() if not args.smoke else None)
+    ok = all(r.ms and r.extra.get("loss_last") is not None for r in rows)
+    if not ok:
+        print("a training run failed or logged no throughput (see rows)", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
