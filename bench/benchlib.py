@@ -60,11 +60,14 @@ class Row:
 
 
 def git_sha() -> str:
+    """HEAD's short sha; on a device machine (a copy of the tree without .git) the sha that
+    ``bench/device.sh``'s caller wrote to ``.ditperf-sha``."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        stamp = REPO_ROOT / ".ditperf-sha"
+        return stamp.read_text().strip() + " (from .ditperf-sha)" if stamp.exists() else "unknown"
 
 
 def metadata() -> dict[str, Any]:

@@ -4,10 +4,11 @@
     python bench/run.py --suite smoke --out DIR          # tiny, CPU, correctness only (CI)
 
 Parts run in priority order, each in its own subprocess with a time box (a hang or crash in
-one part leaves the others' results): machine roofs, GPU-marked kernel tests, norms,
-attention, a power-profiled training burst (bench/model.py --train-only), the power
-calibration, the other GPU-marked tests, Composer training torch vs triton (bench/train.py),
-the model benchmark (training + inference). ``--only`` picks parts (e.g. to rerun some). Each part writes its own JSON
+one part leaves the others' results): an attention-config diagnosis (bench/diag_attention.py:
+the configs that pass are the only ones later parts autotune over), machine roofs,
+attention, a power-profiled training burst (bench/model.py --train-only), Composer training
+torch vs triton (bench/train.py), GPU-marked kernel tests, norms, the power calibration, the
+other GPU-marked tests, the model benchmark (training + inference), the GPU demo. ``--only`` picks parts (e.g. to rerun some). Each part writes its own JSON
 under DIR/parts/; this script merges them into DIR/results.json (schema below) and
 DIR/summary.md. A part that runs out of time or fails is recorded with its status and the
 tail of its log, never dropped.
@@ -39,6 +40,7 @@ class Part:
     argv: list[str]  # {out} is replaced by this part's JSON path, {dir} by DIR
     budget_s: float  # the most this part may take
     produces_rows: bool = True
+    env_file: str | None = None  # KEY=VALUE lines this part may write for the parts after it
 
 
 def py(*args: str) -> list[str]:
@@ -54,18 +56,21 @@ def _pytest(name: str, files: list[str], budget_s: float) -> Part:
 
 def gpu_parts() -> list[Part]:
     return [
+        Part("diag-attention", py(str(HERE / "diag_attention.py"), "--timeout", "80", "--out", "{out}",
+                                  "--env-file", "{dir}/parts/attention.env"), 110, produces_rows=False,
+             env_file="{dir}/parts/attention.env"),
         Part("roofs", py(str(HERE / "roofs.py"), "--out", "{out}"), 40),
-        _pytest("gpu-tests-kernels", ["test_norms.py", "test_attention.py"], 120),
-        Part("norms", py(str(HERE / "norms.py"), "--quick", "--out", "{out}"), 80),
-        Part("attention", py(str(HERE / "attention.py"), "--quick", "--out", "{out}"), 110),
+        Part("attention", py(str(HERE / "attention.py"), "--quick", "--out", "{out}"), 90),
         Part("power-train", ["ditperf", "profile", "power", "--out", "{dir}/power-train", "--",
                              sys.executable, str(HERE / "model.py"), "--quick", "--train-only",
-                             "--out", "{out}"], 120),
+                             "--out", "{out}"], 110),
+        Part("train", py(str(HERE / "train.py"), "--preset", "dit-xl-2", "--batches", "20", "--out", "{out}"), 100),
+        _pytest("gpu-tests-kernels", ["test_norms.py", "test_attention.py"], 180),
+        Part("norms", py(str(HERE / "norms.py"), "--quick", "--out", "{out}"), 80),
         Part("calibrate", ["ditperf", "profile", "calibrate", "--seconds", "30", "--out", "{out}"], 80,
              produces_rows=False),
         _pytest("gpu-tests-rest", ["test_model_backends.py", "test_profiling_gpu.py", "test_trainer.py",
-                                   "test_export_onnx.py"], 120),
-        Part("train", py(str(HERE / "train.py"), "--preset", "dit-xl-2", "--batches", "50", "--out", "{out}"), 150),
+                                   "test_export_onnx.py"], 150),
         Part("model", py(str(HERE / "model.py"), "--quick", "--out", "{out}"), 150),
         Part("demo", ["ditperf", "demo", "--device", "gpu", "--out", "{dir}/demo"], 200, produces_rows=False),
     ]
@@ -109,8 +114,18 @@ def run_part(part: Part, out_dir: Path, time_left: float) -> dict:
             doc = json.loads(json_path.read_text())
         except json.JSONDecodeError:
             status += " (unreadable JSON)"
-    print(f"[{part.name}] {status} in {seconds:.0f} s", flush=True)
-    return {"name": part.name, "status": status, "seconds": round(seconds, 1), "log_tail": tail, "json": doc}
+    env: dict[str, str] = {}
+    if part.env_file:  # settings measured by this part, applied to the parts after it
+        env_path = Path(part.env_file.replace("{dir}", str(out_dir)))
+        if env_path.exists():
+            for line in env_path.read_text().splitlines():
+                key, sep, value = line.partition("=")
+                if sep and key.strip():
+                    env[key.strip()] = value.strip()
+            os.environ.update(env)
+    print(f"[{part.name}] {status} in {seconds:.0f} s" + (f"; env for later parts: {env}" if env else ""), flush=True)
+    return {"name": part.name, "status": status, "seconds": round(seconds, 1), "log_tail": tail, "json": doc,
+            "env": env}
 
 
 def summarize(results: dict) -> str:

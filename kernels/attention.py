@@ -526,11 +526,36 @@ _SMEM_LIMIT = 232448  # H100/H200: 227 KB of shared memory per block
 _ACC_REGS_LIMIT = 192  # fp32 tile registers per thread above which ptxas spilled (sm_90)
 
 
+def _env_configs(kind: str) -> list[tuple[int, int, int, int]] | None:
+    """Configs for ``kind`` from ``DITPERF_ATTN_CONFIGS`` (read at first launch of a kind), e.g.
+    ``fwd=128x64x3x8,64x64x4x4;dq=64x64x3x4;dkdv=64x64x3x4`` (BLOCK_M x BLOCK_N x stages x
+    warps): restricts autotuning to configs measured to work on a machine (bench/diag_attention.py
+    writes it), or pins one config. Kinds not named keep their curated list."""
+    spec = os.environ.get("DITPERF_ATTN_CONFIGS", "").strip()
+    if not spec:
+        return None
+    for part in spec.split(";"):
+        name, _, items = part.partition("=")
+        if name.strip() != kind:
+            continue
+        try:
+            configs = [tuple(int(v) for v in item.lower().split("x")) for item in items.split(",") if item.strip()]
+        except ValueError:
+            configs = []
+        if not configs or any(len(c) != 4 for c in configs):
+            raise ValueError(f"DITPERF_ATTN_CONFIGS: cannot read {part!r}; expected e.g. "
+                             "'fwd=128x64x3x8,64x64x4x4' (BLOCK_M x BLOCK_N x num_stages x num_warps)")
+        return configs  # type: ignore[return-value]
+    return None
+
+
 def _configs(kind: str, mode: str) -> list[triton.Config]:
-    if mode == "full":
-        space = list(itertools.product((64, 128), (64, 128), (2, 3, 4), (4, 8)))
-    else:
-        space = _CURATED[kind]
+    space = _env_configs(kind)
+    if space is None:
+        if mode == "full":
+            space = list(itertools.product((64, 128), (64, 128), (2, 3, 4), (4, 8)))
+        else:
+            space = _CURATED[kind]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
             for bm, bn, s, w in space]
 
