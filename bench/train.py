@@ -28,19 +28,34 @@ from benchlib import Row, base_parser, finish, roofs_or_none
 BENCH = "train"
 
 
-def _train(config: str, data: Path, backend: str, batches: int, out_json: Path, extra: list[str]) -> dict:
+def _train(config: str, data: Path, backend: str, batches: int, out_json: Path, extra: list[str],
+           timeout_s: float = 600) -> dict:
     window = min(20, max(1, batches // 2))  # SpeedMonitor's window: the steady state, not the first steps
     argv = ["ditperf", "train", config, f"data.local={data}", f"model.backend={backend}",
             f"max_duration={batches}ba", f"callbacks.speed_monitor.window_size={window}", "console_log_interval=10ba",
             f"summary_file={out_json}", *extra]
     print("$ " + " ".join(argv), flush=True)
-    proc = subprocess.run(argv)
+    try:
+        proc = subprocess.run(argv, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"ditperf train ({backend}) did not finish in {timeout_s:.0f} s") from exc
     if proc.returncode != 0:
         raise RuntimeError(f"ditperf train ({backend}) exited {proc.returncode}")
     return json.loads(out_json.read_text())
 
 
-def run(smoke: bool = False, quick: bool = False, *, preset: str = "dit-xl-2", batches: int = 50) -> list[Row]:
+def _dump_partial(rows: list[Row], out: Path | None) -> None:
+    """Write the rows so far: a later backend that hangs or kills its CUDA context (and the
+    suite's time box with it) must not take the finished backend's numbers along."""
+    if out is not None:
+        from dataclasses import asdict
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"partial": True, "rows": [asdict(r) for r in rows]}, indent=2, default=str))
+
+
+def run(smoke: bool = False, quick: bool = False, *, preset: str = "dit-xl-2", batches: int = 50,
+        out: Path | None = None, backend_timeout_s: float = 600) -> list[Row]:
     config, extra = (preset, [])
     if smoke:
         config, preset, batches = "tiny-cpu", "tiny", 4
@@ -54,9 +69,10 @@ def run(smoke: bool = False, quick: bool = False, *, preset: str = "dit-xl-2", b
     for backend in ("torch", "triton"):
         try:
             s = _train(config, data, backend, batches, work / f"summary-{backend}.json",
-                       [f"model.preset={preset}", *extra])
+                       [f"model.preset={preset}", *extra], timeout_s=backend_timeout_s)
         except Exception as exc:  # noqa: BLE001 - record and go on with the other backend
             rows.append(Row(BENCH, f"train {preset}", "-", backend, None, extra={"error": str(exc)}))
+            _dump_partial(rows, out)
             continue
         gbs = s["device_batch_size"] * s["world_size"]
         img_s = s.get("img_per_s_last")
@@ -65,6 +81,7 @@ def run(smoke: bool = False, quick: bool = False, *, preset: str = "dit-xl-2", b
         rows.append(Row(BENCH, f"train {preset}", shape, backend, ms, tflops=s.get("tflops_per_device_last"),
                         extra={"img_per_s": img_s, "mfu_composer": s.get("mfu_last"), "loss_last": s.get("loss_last"),
                                "gpu": s.get("gpu"), "power": s.get("power")}))
+        _dump_partial(rows, out)
     return rows
 
 
@@ -72,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__)
     p.add_argument("--preset", default="dit-xl-2")
     p.add_argument("--batches", type=int, default=50)
+    p.add_argument("--backend-timeout", type=float, default=600, help="seconds per backend run")
     args = p.parse_args(argv)
     if not torch.cuda.is_available() and not args.smoke:
         print("bench/train.py needs a GPU (or --smoke)", file=sys.stderr)
         return 2
-    rows = run(args.smoke, args.quick, preset=args.preset, batches=args.batches)
+    rows = run(args.smoke, args.quick, preset=args.preset, batches=args.batches, out=args.out,
+               backend_timeout_s=args.backend_timeout)
     finish(rows, title="Composer training: " + (rows[0].case if rows else args.preset), baseline="torch", out=args.out,
            roofs=roofs_or_none() if not args.smoke else None)
     ok = all(r.ms and r.extra.get("loss_last") is not None for r in rows)

@@ -27,6 +27,22 @@ def test_smoke_suite_runs_every_part(tmp_path: Path) -> None:
     assert "| norms |" in (tmp_path / "summary.md").read_text()
 
 
+def test_attention_diagnosis_plumbing_dry_run(tmp_path: Path) -> None:
+    """bench/diag_attention.py spawns one process per kernel config and writes the env file the
+    GPU suite applies to later parts: run all of it on the CPU interpreter with tiny shapes."""
+    import os
+
+    env = {**os.environ, "DITPERF_DIAG_DEVICE": "cpu", "OPENBLAS_NUM_THREADS": "1"}
+    out, env_file = tmp_path / "diag.json", tmp_path / "attention.env"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "diag_attention.py"), "--out", str(out),
+                           "--env-file", str(env_file)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["jobs"] and all(job["ok"] for job in doc["jobs"]), proc.stdout
+    line = env_file.read_text().strip()
+    assert line.startswith("DITPERF_ATTN_CONFIGS=") and all(f"{k}=" in line for k in ("fwd", "dq", "dkdv"))
+
+
 def test_gpu_suite_refuses_without_gpu(tmp_path: Path) -> None:
     import torch
 
