@@ -2,7 +2,9 @@
 # The exact command to run ditperf's GPU suite on a lent GPU machine (device tool).
 #
 # On the CPU machine, once per checkout:   bash ../shared/device/fetch-wheels.sh
-# Then call the device tool's `run` with carry [".whl"] and the command:
+# and before each run (the device copy has no .git; results record this sha):
+#   git rev-parse --short HEAD > .ditperf-sha
+# Then call the device tool's `run` with carry [".whl", ".ditperf-sha"] and the command:
 #   bash bench/device.sh [BUDGET_S [PART ...]]     (parts: see bench/run.py; default all)
 # It installs the carried wheels (Composer, Streaming, onnx-graphsurgeon: the GPU image
 # lacks them) and ditperf itself offline, runs `bench/run.py --suite gpu` within the budget,

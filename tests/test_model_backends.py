@@ -21,21 +21,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: one intra-op thread is fastest, and it avoids OpenMP
-    spin-wait slowdowns (10x measured) when other processes share the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def randomize(model: DiT, std: float = 0.05) -> DiT:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return model
+from model_utils import one_thread, randomize  # noqa: F401 - one_thread is an autouse fixture
 
 
 def run(model: DiT, inputs: tuple[torch.Tensor, ...], probe: torch.Tensor) -> tuple[torch.Tensor, dict]:
