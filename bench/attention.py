@@ -70,7 +70,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import Row, base_parser, finish, roofs_or_none, setup_interpreter_if_needed
+from benchlib import (Row, base_parser, finish, report_correctness, roofs_or_none,
+                      setup_interpreter_if_needed)
 
 BENCH = "attention"
 BASELINE = "sdpa-flash"
@@ -535,11 +536,7 @@ def main(argv: list[str] | None = None) -> int:
            f"vs torch {r.extra['torch_max_err']:.3g}"
            for r in rows
            if r.provider == "ditperf" and r.extra["mode"] == "fwd" and not r.extra["correct"]]
-    for line in bad:
-        print(f"WRONG: {line}", file=sys.stderr)
-    print(f"{len(rows)} rows in {time.perf_counter() - t0:.1f} s; "
-          f"{'all ditperf results correct' if not bad else f'{len(bad)} WRONG'}")
-    return 1 if bad else 0
+    return report_correctness(rows, bad, time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,16 @@ def finish(rows: list[Row], *, title: str, baseline: str, out: Path | None, roof
     return doc
 
 
+def report_correctness(rows: list[Row], bad: list[str], seconds: float) -> int:
+    """Print the wrong results (one line each, to stderr) and a one-line verdict; the exit
+    code a benchmark returns: 1 when anything was wrong."""
+    for line in bad:
+        print(f"WRONG: {line}", file=sys.stderr)
+    print(f"{len(rows)} rows in {seconds:.1f} s; "
+          f"{'all ditperf results correct' if not bad else f'{len(bad)} WRONG'}")
+    return 1 if bad else 0
+
+
 def roofs_or_none() -> Any | None:
     if not torch.cuda.is_available():
         return None

@@ -49,6 +49,7 @@ from benchlib import (
     base_parser,
     fill_ratios,
     finish,
+    report_correctness,
     roofs_or_none,
     setup_interpreter_if_needed,
 )
@@ -262,11 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     bad = [f"{r.case} {r.shape}: max err {r.extra['max_err']:.3g} vs eager {r.extra['eager_max_err']:.3g}"
            for r in rows if r.provider == "ditperf" and r.extra.get("mode") == "fwd" and not r.extra["correct"]]
-    for line in bad:
-        print(f"WRONG: {line}", file=sys.stderr)
-    print(f"{len(rows)} rows in {time.perf_counter() - t0:.1f} s; "
-          f"{'all ditperf results correct' if not bad else f'{len(bad)} WRONG'}")
-    return 1 if bad else 0
+    return report_correctness(rows, bad, time.perf_counter() - t0)
 
 
 if __name__ == "__main__":
