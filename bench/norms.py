@@ -229,6 +229,59 @@ def run(smoke: bool = False, quick: bool = False, *, budget_s: float | None = No
     return rows
 
 
+#: Backward configs swept by ``--sweep-bwd`` (ROWS x num_warps x programs per SM x prefetch),
+#: per BLOCK_C of the quick shape's C (1152 -> 2048) and of its QK-norm D (72 -> 128).
+SWEEP_BWD = {
+    2048: [f"{r}x{w}x{p}x{f}" for f in (1, 0) for r, w in ((1, 4), (1, 8), (1, 16), (2, 8), (2, 16))
+           for p in (8,)] + ["1x8x4x1", "1x8x16x1", "1x16x4x0", "1x16x16x1", "2x16x4x1"],
+    128: [f"{r}x{w}x{p}x{f}" for f in (1, 0) for r, w in ((8, 4), (16, 8), (32, 16), (16, 4))
+          for p in (8,)] + ["16x8x4x1", "16x8x16x1"],
+}
+
+
+def sweep_bwd(budget_s: float = 90.0) -> list[Row]:
+    """Time the backward of ln_mod, gated and qk_rms at the quick shape under each config of
+    SWEEP_BWD (DITPERF_NORM_BWD_CONFIGS pins one config; the kernel cache is cleared between
+    configs). Rows: case "<op> bwd sweep", provider "ditperf[RxWxPxF]"; eager for reference."""
+    import os
+
+    from ditperf.kernels import norms as norms_mod
+    from ditperf.kernels._common import next_power_of_2
+    from ditperf.profiling import time_ms
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: a dry run
+    dtype = torch.bfloat16
+    start = time.perf_counter()
+    rows: list[Row] = []
+    tokens, C = QUICK_SHAPES[0]
+    for case in make_cases(tokens, C, None, dtype, device, ("ln_mod", "gated", "qk_rms")):
+        D = C // QK_HEADS if case.name == "qk_rms" else C
+        specs = SWEEP_BWD.get(next_power_of_2(D), [])
+        nbytes = case.bytes_bwd
+        for provider, spec in [(BASELINE, None)] + [(f"ditperf[{s}]", s) for s in specs]:
+            if time.perf_counter() - start > budget_s:
+                break
+            extra: dict[str, object] = {"mode": "bwd", "bytes": nbytes, "dtype": "bfloat16", "config": spec}
+            ms = None
+            try:
+                if spec is not None:
+                    os.environ["DITPERF_NORM_BWD_CONFIGS"] = spec
+                    norms_mod._bwd_kernel.cache_clear()
+                timers = _timers(case.eager if spec is None else case.kernel, case.leaves)
+                ms = time_ms(timers["bwd"], warmup_ms=5, rep_ms=25)
+            except Exception as exc:  # noqa: BLE001 - a config that fails is a result too
+                extra["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            finally:
+                os.environ.pop("DITPERF_NORM_BWD_CONFIGS", None)
+                norms_mod._bwd_kernel.cache_clear()
+            gbps = None if ms is None else nbytes / (ms * 1e-3) / 1e9
+            rows.append(Row(BENCH, f"{case.name} bwd sweep", case.shape, provider, ms=ms, gbps=gbps,
+                            extra=extra))
+            print(f"sweep {case.name:7s} {provider:22s} "
+                  + (f"{ms:.4f} ms {gbps:6.0f} GB/s" if ms else str(extra.get("error"))), flush=True)
+    return rows
+
+
 def report_targets(rows: list[Row]) -> list[str]:
     """One line per ditperf GPU row: GB/s and speed-up against the issue-2 targets."""
     lines = []
@@ -251,11 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop timing after this many seconds (rows kept with ms empty); "
                         "default: none, or 75 with --quick")
+    p.add_argument("--sweep-bwd", type=float, default=0.0, metavar="SECONDS",
+                   help="GPU: first time the backward under each config of SWEEP_BWD for up to "
+                        "SECONDS (rows 'ln_mod bwd sweep', ...), then run the normal benchmark")
     args = p.parse_args(argv)
     setup_interpreter_if_needed(args.smoke)
     budget = args.budget_s if args.budget_s is not None else (75.0 if args.quick else None)
     t0 = time.perf_counter()
-    rows = run(smoke=args.smoke, quick=args.quick, budget_s=budget)
+    swept = sweep_bwd(args.sweep_bwd) if args.sweep_bwd > 0 and torch.cuda.is_available() else []
+    rows = swept + run(smoke=args.smoke, quick=args.quick, budget_s=budget)
     roofs = None if args.smoke else roofs_or_none()
     title = "norms (smoke: CPU interpreter, timings meaningless)" if args.smoke else "norms (bf16)"
     finish(rows, title=title, baseline=BASELINE, out=args.out, roofs=roofs)

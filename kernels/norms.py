@@ -53,7 +53,8 @@ straddle sample/head boundaries (QK-norm of q sliced from a fused qkv tensor, (B
 with H*D < row stride, gets cdiv(B*N*H, ROWS) programs, not B*N groups of H rows).
 
 Grid: forward, one program per ROWS rows of one row group; backward, a fixed number of
-programs per row group (about 4 per SM in total), each looping over its rows and keeping the
+programs per row group (about PROGS per SM in total, autotuned), each looping over its rows
+with the next tile's loads in flight (PREFETCH) and keeping the
 dweight / dbias / dshift / dscale / dgate partial sums in registers, then writing one fp32
 partial row per program; a torch ``.sum`` over the small (programs, C) buffer finishes them. On a GPU,
 ``ROWS`` and ``num_warps`` are autotuned per ``BLOCK_C`` (key: C and the feature flags); under
@@ -75,6 +76,7 @@ import contextlib
 import functools
 import math
 import numbers
+import os
 
 import torch
 import torch.nn.functional as F
@@ -154,14 +156,19 @@ def _row_index(rows, R1, R2, LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _offs(i0, i1, i2, s0, s1, s2, LEVELS: tl.constexpr):
-    """Element offsets of the rows (i0, i1, i2) of one tensor with row strides (s0, s1, s2)."""
+def _offs(i0, i1, i2, s0, s1, s2, LEVELS: tl.constexpr, ALIGN: tl.constexpr):
+    """Element offsets of the rows (i0, i1, i2) of one tensor with row strides (s0, s1, s2).
+
+    The strides are multiples of ALIGN (see the launchers' _align); ``s // ALIGN * ALIGN``
+    says so to Triton's alignment analysis (``tl.multiple_of`` on the [ROWS, 1] offsets did
+    not reach the loads in triton 3.3/3.6), so that rows load as 16-byte vectors.
+    """
     if LEVELS == 1:
-        off = i2 * s2
+        off = i2 * (s2 // ALIGN * ALIGN)
     elif LEVELS == 2:
-        off = i1 * s1 + i2 * s2
+        off = i1 * (s1 // ALIGN * ALIGN) + i2 * (s2 // ALIGN * ALIGN)
     else:
-        off = i0 * s0 + i1 * s1 + i2 * s2
+        off = i0 * (s0 // ALIGN * ALIGN) + i1 * (s1 // ALIGN * ALIGN) + i2 * (s2 // ALIGN * ALIGN)
     return off
 
 
@@ -174,7 +181,8 @@ def _norm_fwd_kernel(
     eps,
     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    HAS_SCALE: tl.constexpr, LEVELS: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, LEVELS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     """Forward of one [ROWS, BLOCK_C] tile of rows of row group q.
 
@@ -195,13 +203,14 @@ def _norm_fwd_kernel(
     rmask = local < G
     i0, i1, i2 = _row_index(q * G + local, R1, R2, LEVELS)
     cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    # == cols < C (C % ALIGN == 0), written so Triton sees runs of ALIGN equal mask bits
+    cmask = (cols // ALIGN) < (C // ALIGN)
     mask = rmask[:, None] & cmask[None, :]
     c2 = cols[None, :]
 
-    x = tl.load(X + _offs(i0, i1, i2, sx0, sx1, sx2, LEVELS) + c2, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + _offs(i0, i1, i2, sx0, sx1, sx2, LEVELS, ALIGN) + c2, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        y = tl.load(Y + _offs(i0, i1, i2, sy0, sy1, sy2, LEVELS) + c2, mask=mask,
+        y = tl.load(Y + _offs(i0, i1, i2, sy0, sy1, sy2, LEVELS, ALIGN) + c2, mask=mask,
                     other=0.0).to(tl.float32)
         if HAS_GATE:
             g = tl.load(GATE + q64 * s_gate + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -209,7 +218,7 @@ def _norm_fwd_kernel(
         else:
             x = x + y
         xn = x.to(XNEW.dtype.element_ty)
-        tl.store(XNEW + _offs(i0, i1, i2, sn0, sn1, sn2, LEVELS) + c2, xn, mask=mask)
+        tl.store(XNEW + _offs(i0, i1, i2, sn0, sn1, sn2, LEVELS, ALIGN) + c2, xn, mask=mask)
         x = xn.to(tl.float32)
 
     h, _rstd = _normalize_rows(x, mask, rmask, C, eps, IS_RMS)
@@ -225,7 +234,7 @@ def _norm_fwd_kernel(
     if HAS_SHIFT:
         sh = tl.load(SHIFT + q64 * s_shift + cols, mask=cmask, other=0.0).to(tl.float32)
         h = h + sh[None, :]
-    tl.store(OUT + _offs(i0, i1, i2, so0, so1, so2, LEVELS) + c2, h.to(OUT.dtype.element_ty),
+    tl.store(OUT + _offs(i0, i1, i2, so0, so1, so2, LEVELS, ALIGN) + c2, h.to(OUT.dtype.element_ty),
              mask=mask)
 
 
@@ -233,18 +242,21 @@ def _norm_fwd_kernel(
 def _norm_bwd_kernel(
     X, DH, DXN, Y, GATE, W, BIAS, SCALE, DX, DY,
     PART_W, PART_B, PART_SHIFT, PART_SCALE, PART_GATE,
-    G, R1, R2, C, P, rows_per_prog,
+    G, R1, R2, C, groups, n_sm,
     sx0, sx1, sx2, sd0, sd1, sd2, se0, se1, se2, sy0, sy1, sy2,
     sdx0, sdx1, sdx2, sdy0, sdy1, sdy2,
     s_gate, s_scale,
     eps,
     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DXN: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, LEVELS: tl.constexpr,
-    BLOCK_C: tl.constexpr, ROWS: tl.constexpr, STATIC_ITERS: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, LEVELS: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_C: tl.constexpr, ROWS: tl.constexpr, PROGS: tl.constexpr, PREFETCH: tl.constexpr,
+    MIN_ROWS: tl.constexpr, STATIC_ITERS: tl.constexpr,
 ):
     """Backward for rows [p*rows_per_prog, (p+1)*rows_per_prog) of row group q (G rows:
-    the sample when modulated, else all rows; rows decomposed as in the forward).
+    the sample when modulated, else all rows; rows decomposed as in the forward). Each group
+    gets P = clamp(cdiv(PROGS * n_sm, groups), 1, cdiv(G, MIN_ROWS)) programs (about PROGS
+    per SM in total; the launcher computes the same P from the config the autotuner chose).
 
     X is the normalized input (x_new for the gated op). Per tile, with s = 1 + scale[q]:
       h0 = xhat*w + b;  dh0 = dh*s;  g = dh0*w
@@ -252,15 +264,23 @@ def _norm_bwd_kernel(
       HAS_RESIDUAL: dx += dx_new (if HAS_DXN); DX <- dx; DY <- gate[q]*dx (HAS_GATE)
     Column partial sums over this program's rows, written once to PART_*[q*P + p, :]:
       dshift: dh;  dscale: dh*h0;  dbias: dh0;  dweight: dh0*xhat;  dgate: dx*y.
+
+    PREFETCH: the loads of tile i+1 are issued before tile i is computed (a GPU load only
+    blocks at the first use of its registers), so each program keeps a tile of loads in
+    flight while it reduces; without it the loads and the reductions alternate. (Triton's
+    software pipeliner does not pipeline loads that feed no tl.dot: checked on 3.3 and 3.6.)
     """
     pid = tl.program_id(0)
+    P = tl.maximum(tl.minimum(tl.cdiv(PROGS * n_sm, groups), tl.cdiv(G, MIN_ROWS)), 1)
+    rows_per_prog = tl.cdiv(G, P)
     q = pid // P
     p = pid - q * P
     q64 = q.to(tl.int64)
     row_lo = q * G + p * rows_per_prog
     row_hi = q * G + tl.minimum(p * rows_per_prog + rows_per_prog, G)
     cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    # == cols < C (C % ALIGN == 0), written so Triton sees runs of ALIGN equal mask bits
+    cmask = (cols // ALIGN) < (C // ALIGN)
     c2 = cols[None, :]
 
     if HAS_WEIGHT:
@@ -279,18 +299,44 @@ def _norm_bwd_kernel(
     acc_scale = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
     acc_gate = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
 
+    # The first tile's loads (raw dtype: converting would wait for them).
+    rows = row_lo + tl.arange(0, ROWS)
+    i0, i1, i2 = _row_index(rows, R1, R2, LEVELS)
+    mask = (rows < row_hi)[:, None] & cmask[None, :]
+    x_raw = tl.load(X + _offs(i0, i1, i2, sx0, sx1, sx2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
+    dh_raw = tl.load(DH + _offs(i0, i1, i2, sd0, sd1, sd2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
+    e_raw = x_raw  # dx_new and y tiles (placeholders when absent)
+    y_raw = x_raw
+    if HAS_DXN:
+        e_raw = tl.load(DXN + _offs(i0, i1, i2, se0, se1, se2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
+    if HAS_GATE:
+        y_raw = tl.load(Y + _offs(i0, i1, i2, sy0, sy1, sy2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
+
     # Under the interpreter the trip count is the constexpr STATIC_ITERS: it turns every
     # assigned value into an array, and numpy >= 2.4 refuses arrays as range() bounds.
     for it in range(STATIC_ITERS if STATIC_ITERS > 0 else tl.cdiv(rows_per_prog, ROWS)):
-        rows = row_lo + it * ROWS + tl.arange(0, ROWS)
+        x = x_raw.to(tl.float32)
+        dh = dh_raw.to(tl.float32)
+        dxn = e_raw.to(tl.float32)
+        y = y_raw.to(tl.float32)
         rmask = rows < row_hi
+        # this tile's row offsets (for the stores) and the next tile's
+        j0, j1, j2 = i0, i1, i2
+        cur_mask = mask
+        rows += ROWS
         i0, i1, i2 = _row_index(rows, R1, R2, LEVELS)
-        mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(X + _offs(i0, i1, i2, sx0, sx1, sx2, LEVELS) + c2, mask=mask,
-                    other=0.0).to(tl.float32)
-        dh = tl.load(DH + _offs(i0, i1, i2, sd0, sd1, sd2, LEVELS) + c2, mask=mask,
-                     other=0.0).to(tl.float32)
-        xhat, rstd = _normalize_rows(x, mask, rmask, C, eps, IS_RMS)
+        mask = (rows < row_hi)[:, None] & cmask[None, :]
+        if PREFETCH:
+            x_raw = tl.load(X + _offs(i0, i1, i2, sx0, sx1, sx2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
+            dh_raw = tl.load(DH + _offs(i0, i1, i2, sd0, sd1, sd2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
+            if HAS_DXN:
+                e_raw = tl.load(DXN + _offs(i0, i1, i2, se0, se1, se2, LEVELS, ALIGN) + c2, mask=mask,
+                                other=0.0)
+            if HAS_GATE:
+                y_raw = tl.load(Y + _offs(i0, i1, i2, sy0, sy1, sy2, LEVELS, ALIGN) + c2, mask=mask,
+                                other=0.0)
+
+        xhat, rstd = _normalize_rows(x, cur_mask, rmask, C, eps, IS_RMS)
         if HAS_SHIFT:
             acc_shift += dh
         if HAS_SCALE:
@@ -314,16 +360,22 @@ def _norm_bwd_kernel(
             dx = (dh - xhat * c_xhat[:, None] - c_mean[:, None]) * rstd[:, None]
         if HAS_RESIDUAL:
             if HAS_DXN:
-                dx += tl.load(DXN + _offs(i0, i1, i2, se0, se1, se2, LEVELS) + c2, mask=mask,
-                              other=0.0).to(tl.float32)
+                dx += dxn
             if HAS_GATE:
-                y = tl.load(Y + _offs(i0, i1, i2, sy0, sy1, sy2, LEVELS) + c2, mask=mask,
-                            other=0.0).to(tl.float32)
                 acc_gate += dx * y
-                tl.store(DY + _offs(i0, i1, i2, sdy0, sdy1, sdy2, LEVELS) + c2,
-                         (dx * g8[None, :]).to(DY.dtype.element_ty), mask=mask)
-        tl.store(DX + _offs(i0, i1, i2, sdx0, sdx1, sdx2, LEVELS) + c2, dx.to(DX.dtype.element_ty),
-                 mask=mask)
+                tl.store(DY + _offs(j0, j1, j2, sdy0, sdy1, sdy2, LEVELS, ALIGN) + c2,
+                         (dx * g8[None, :]).to(DY.dtype.element_ty), mask=cur_mask)
+        tl.store(DX + _offs(j0, j1, j2, sdx0, sdx1, sdx2, LEVELS, ALIGN) + c2, dx.to(DX.dtype.element_ty),
+                 mask=cur_mask)
+        if not PREFETCH:  # the next tile's loads only now, after this tile's work
+            x_raw = tl.load(X + _offs(i0, i1, i2, sx0, sx1, sx2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
+            dh_raw = tl.load(DH + _offs(i0, i1, i2, sd0, sd1, sd2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
+            if HAS_DXN:
+                e_raw = tl.load(DXN + _offs(i0, i1, i2, se0, se1, se2, LEVELS, ALIGN) + c2, mask=mask,
+                                other=0.0)
+            if HAS_GATE:
+                y_raw = tl.load(Y + _offs(i0, i1, i2, sy0, sy1, sy2, LEVELS, ALIGN) + c2, mask=mask,
+                                other=0.0)
 
     part = pid.to(tl.int64) * C + cols
     if HAS_WEIGHT:
@@ -386,11 +438,64 @@ def _fwd_kernel(block_c: int):
                     do_bench=_tune_bench)(_norm_fwd_kernel)
 
 
+#: Backward programs per SM (in total over all row groups): more programs keep more loads in
+#: flight, fewer write fewer partial-sum rows. Autotuned among these on a GPU.
+_BWD_PROGS = (8,)
+#: The interpreter's backward: programs per (fake) SM; its cost is per program step.
+_INTERP_PROGS = 4
+
+
+def _bwd_configs(block_c: int) -> list[triton.Config]:
+    """(ROWS, num_warps, PROGS) candidates for the backward. Unlike the forward, each program
+    holds several live tiles (x, dh, xhat, dx and 2-5 accumulators, plus the next tile's
+    loads), so the tiles hold only 4-8 fp32 values per thread per array: at ~100-180
+    registers per thread, 2-4 programs fit on an SM. The first GPU measurement (one program
+    of 16 warps x 8 values per SM-slot, no prefetch) reached only 0.4-0.5 TB/s.
+    ``DITPERF_NORM_BWD_CONFIGS="ROWSxWARPSxPROGS[xPREFETCH],..."`` replaces the list (e.g. a
+    sweep in bench/norms.py)."""
+    spec = os.environ.get("DITPERF_NORM_BWD_CONFIGS", "").strip()
+    if spec:
+        configs = []
+        for item in spec.split(","):
+            try:
+                vals = [int(v) for v in item.strip().lower().split("x")]
+            except ValueError:
+                vals = []
+            if len(vals) not in (3, 4):
+                raise ValueError(f"DITPERF_NORM_BWD_CONFIGS: cannot read {item!r}; expected e.g. "
+                                 "'1x8x4,2x8x8x0' (ROWS x num_warps x programs per SM [x prefetch 0/1])")
+            rows, warps, progs = vals[:3]
+            configs.append(triton.Config({"ROWS": rows, "PROGS": progs,
+                                          "PREFETCH": bool(vals[3]) if len(vals) == 4 else True},
+                                         num_warps=warps))
+        return configs
+    if block_c >= 8192:  # one row per program, as many threads as it takes
+        return [triton.Config({"ROWS": 1, "PROGS": 2, "PREFETCH": True}, num_warps=16)]
+    configs = []
+    rows = max(1, 1024 // block_c)
+    while rows * block_c <= 8192:
+        for warps in (4, 8, 16):
+            if rows * block_c // (32 * warps) in (4, 8):
+                configs += [triton.Config({"ROWS": rows, "PROGS": progs, "PREFETCH": True},
+                                          num_warps=warps) for progs in _BWD_PROGS]
+        rows *= 2
+    return configs
+
+
+def _interp_bwd_config(block_c: int) -> dict[str, int | bool]:
+    return {"ROWS": _interp_rows(block_c), "PROGS": _INTERP_PROGS, "PREFETCH": True}
+
+
 @functools.cache
 def _bwd_kernel(block_c: int):
-    return autotune(_gpu_configs(block_c, 8192, (4, 8)), key=_FLAG_KEYS + ["HAS_DXN"],
-                    interpret_config=triton.Config({"ROWS": _interp_rows(block_c)}),
+    return autotune(_bwd_configs(block_c), key=_FLAG_KEYS + ["HAS_DXN"],
+                    interpret_config=triton.Config(_interp_bwd_config(block_c)),
                     do_bench=_tune_bench)(_norm_bwd_kernel)
+
+
+def _bwd_programs(groups: int, G: int, progs: int, n_sm: int, min_rows: int) -> int:
+    """Programs per row group, P (the kernel computes the same from its PROGS)."""
+    return max(1, min(triton.cdiv(progs * n_sm, groups), triton.cdiv(G, min_rows)))
 
 
 def _device_ctx(device: torch.device):
@@ -430,6 +535,15 @@ def _row_layout(tensors: list[torch.Tensor]
     sizes = tuple(m[0] for m in merged)
     per_tensor = [tuple(m[1][k] for m in merged) for k in range(len(tensors))]
     return sizes, per_tensor  # type: ignore[return-value]
+
+
+def _align(C: int, strides: list[tuple[int, int, int]]) -> int:
+    """Largest power of two (<= 16) dividing C and every row stride: the kernels declare row
+    offsets and C multiples of it. Without the hint Triton assumes nothing for a C or stride
+    that is not a multiple of 16 (it specializes integers on % 16 only) and falls back to
+    2-byte loads: QK-norm rows of D = 72 (stride 72 or 3*H*72) are multiples of 8."""
+    g = math.gcd(C, *[s for st in strides for s in st])
+    return min(16, g & -g) if g else 16
 
 
 def _levels(sizes: tuple[int, int, int]) -> int:
@@ -551,7 +665,7 @@ def _norm_fwd(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None
             G, sizes[1], sizes[2], C, *sx, *sy, *so, *sn, _s(gate), _s(shift), _s(scale), eps,
             IS_RMS=is_rms, HAS_RESIDUAL=y is not None, HAS_GATE=gate is not None,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, LEVELS=_levels(sizes),
+            HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, LEVELS=_levels(sizes), ALIGN=_align(C, strides),
             BLOCK_C=block_c,
         )
     return out, xnew
@@ -591,27 +705,39 @@ def _norm_bwd(dh: torch.Tensor, x: torch.Tensor, dxn: torch.Tensor | None, y: to
     sdy = next(rest) if dy is not None else z
 
     min_rows = _interp_rows(block_c) if INTERPRET else 1
-    target = 4 * num_sms(x.device)
-    P = max(1, min(triton.cdiv(target, groups), triton.cdiv(G, min_rows)))
-    rows_per_prog = triton.cdiv(G, P)
+    n_sm = num_sms(x.device)
+    kernel = _bwd_kernel(block_c)
+    configs = [_interp_bwd_config(block_c)] if INTERPRET else [c.kwargs for c in _bwd_configs(block_c)]
+    p_max = max(_bwd_programs(groups, G, c["PROGS"], n_sm, min_rows) for c in configs)
     n_part = sum(t is not None for t in (weight, bias, shift, scale, gate))
-    part = torch.empty((max(n_part, 1), groups * P, C), device=x.device, dtype=torch.float32)
+    part = torch.empty((max(n_part, 1), groups * p_max, C), device=x.device, dtype=torch.float32)
     slots = iter(range(n_part))
     pw, pb, psh, psc, pg = (part[next(slots)] if t is not None else None
                             for t in (weight, bias, shift, scale, gate))
-    kernel = _bwd_kernel(block_c)
+
+    def grid(meta):
+        return (groups * _bwd_programs(groups, G, meta["PROGS"], n_sm, min_rows),)
+
+    static_iters = 0
+    if INTERPRET:
+        P = _bwd_programs(groups, G, _INTERP_PROGS, n_sm, min_rows)
+        static_iters = triton.cdiv(triton.cdiv(G, P), min_rows)
     with _device_ctx(x.device):
-        kernel[(groups * P,)](
+        kernel[grid](
             x, dh, dxn, y, gate, weight, bias, scale, dx, dy,
             pw, pb, psh, psc, pg,
-            G, sizes[1], sizes[2], C, P, rows_per_prog,
+            G, sizes[1], sizes[2], C, groups, n_sm,
             *strides[0], *strides[1], *se, *sy, *strides[2], *sdy,
             _s(gate), _s(scale), eps,
             IS_RMS=is_rms, HAS_RESIDUAL=y is not None, HAS_DXN=dxn is not None,
             HAS_GATE=gate is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, LEVELS=_levels(sizes),
-            BLOCK_C=block_c, STATIC_ITERS=triton.cdiv(rows_per_prog, min_rows) if INTERPRET else 0,
+            HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, LEVELS=_levels(sizes), ALIGN=_align(C, strides),
+            BLOCK_C=block_c, MIN_ROWS=min_rows, STATIC_ITERS=static_iters,
         )
+    # the config the autotuner ran (it sets best_config on every call, cached or not)
+    chosen = getattr(kernel, "best_config", None)
+    progs = chosen.kwargs["PROGS"] if chosen is not None else _INTERP_PROGS
+    P = _bwd_programs(groups, G, progs, n_sm, min_rows)
     grads = [dx]
     if dy is not None:
         grads.append(dy)
@@ -620,9 +746,9 @@ def _norm_bwd(dh: torch.Tensor, x: torch.Tensor, dxn: torch.Tensor | None, y: to
         if t is None:
             continue
         if t.dim() == 2:  # per-sample: sum the P partials of each sample
-            grads.append(p.view(B, P, C).sum(1).to(t.dtype))
+            grads.append(p[: B * P].view(B, P, C).sum(1).to(t.dtype))
         else:  # per-feature: sum all partials
-            grads.append(p.sum(0).to(t.dtype))
+            grads.append(p[: groups * P].sum(0).to(t.dtype))
     return grads
 
 

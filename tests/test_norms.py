@@ -251,7 +251,7 @@ class _GridSpy:
 
         class _Launch:
             def __getitem__(self, grid):
-                g = grid({"ROWS": rows}) if callable(grid) else grid
+                g = grid({"ROWS": rows, "PROGS": norms_mod._INTERP_PROGS}) if callable(grid) else grid
                 spy.programs.append(g[0])
                 return kernel[grid]
 
@@ -353,11 +353,20 @@ def test_gated_x_new_is_stored_residual(device):
     torch.testing.assert_close(h, h2, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
 @pytest.mark.parametrize("op", ["layer_norm", "gated"])
-def test_backward_row_loop(op, device, monkeypatch):
+def test_backward_row_loop(op, prefetch, device, monkeypatch):
     """One backward program per row group looping over several row tiles (the GPU's usual
-    regime; the interpreter otherwise gives each program a single tile)."""
+    regime; the interpreter otherwise gives each program a single tile), with the next
+    tile's loads issued before (PREFETCH) or after each tile's work."""
     monkeypatch.setattr(norms_mod, "num_sms", lambda _device: 0)  # -> 1 program per group
+    if not prefetch and _common.INTERPRET:
+        base = norms_mod._interp_bwd_config
+        monkeypatch.setattr(norms_mod, "_interp_bwd_config", lambda bc: {**base(bc), "PREFETCH": False})
+        norms_mod._bwd_kernel.cache_clear()
+        request_cleanup = norms_mod._bwd_kernel.cache_clear
+    else:
+        request_cleanup = None
     if op == "layer_norm":
         leaves = _ln_leaves(37, 2, 1100, F32, "weight,bias,shift,scale", device)
         check_against_refs(_ln(layer_norm), _ln(layer_norm_ref), leaves, LN_NAMES)
@@ -365,6 +374,9 @@ def test_backward_row_loop(op, device, monkeypatch):
         leaves = _gated_leaves(37, 2, 1100, BF16, "gate,shift,scale", device)
         check_against_refs(_gated(gated_residual_layer_norm), _gated(gated_residual_layer_norm_ref),
                            leaves, GATED_NAMES)
+    if request_cleanup is not None:  # the next test builds the kernel with the real config
+        monkeypatch.undo()
+        request_cleanup()
 
 
 # ----------------------------------------------------------------------------------------
@@ -449,7 +461,7 @@ for rms, gated, wb, mod, lv, bc, rows, warps, dt in [
         (True, False, True, False, 2, 128, 16, 16, "bf16"), (True, False, True, False, 3, 64, 64, 4, "fp16"),
         (False, False, False, True, 1, 8192, 1, 16, "fp32")]:
     flags = dict(IS_RMS=rms, HAS_RESIDUAL=gated, HAS_GATE=gated, HAS_WEIGHT=wb, HAS_BIAS=wb and not rms,
-                 HAS_SHIFT=mod, HAS_SCALE=mod, LEVELS=lv, BLOCK_C=bc, ROWS=rows)
+                 HAS_SHIFT=mod, HAS_SCALE=mod, LEVELS=lv, ALIGN=8, BLOCK_C=bc, ROWS=rows)
     none = {"Y": gated, "XNEW": gated, "GATE": gated, "W": wb, "BIAS": wb and not rms, "SHIFT": mod, "SCALE": mod}
     c = {**flags, **{k: None for k, v in none.items() if not v}}
     ptr = {n: "*" + dt for n in ("X", "Y", "GATE", "W", "BIAS", "SHIFT", "SCALE", "OUT", "XNEW")}
@@ -458,7 +470,8 @@ for rms, gated, wb, mod, lv, bc, rows, warps, dt in [
     none = {"DXN": gated, "Y": gated, "DY": gated, "GATE": gated, "W": wb, "BIAS": wb and not rms,
             "SCALE": mod, "PART_W": wb, "PART_B": wb and not rms, "PART_SHIFT": mod, "PART_SCALE": mod,
             "PART_GATE": gated}
-    c = {**flags, "HAS_DXN": gated, "STATIC_ITERS": 0, **{k: None for k, v in none.items() if not v}}
+    c = {**flags, "HAS_DXN": gated, "STATIC_ITERS": 0, "PROGS": 4, "PREFETCH": True, "MIN_ROWS": 1,
+         **{k: None for k, v in none.items() if not v}}
     ptr = {n: ("*fp32" if n.startswith("PART") else "*" + dt) for n in ("X", "DH", "DXN", "Y", "GATE", "W",
            "BIAS", "SCALE", "DX", "DY", "PART_W", "PART_B", "PART_SHIFT", "PART_SCALE", "PART_GATE")}
     triton.compile(ASTSource(K._norm_bwd_kernel, sig(K._norm_bwd_kernel, c, ptr), c), target=target,
