@@ -57,7 +57,9 @@ for SD3/MMDiT/Flux-style joint attention over concatenated text and image tokens
 Precision. bf16/fp16 inputs: both matmuls on tensor cores with fp32 accumulation, P and dS
 rounded to the input dtype before their matmul (as FlashAttention does), softmax statistics
 in fp32. fp32 inputs (meant for tests): ``input_precision="ieee"`` dots (no TF32): exact
-but slow on a GPU (CUDA-core FMAs; ptxas spills kilobytes of registers at these tiles).
+but slow on a GPU (CUDA-core FMAs), so on a GPU fp32 always launches one small untuned
+config (64x32 tiles, 4 warps, 1 stage; the bf16 tiles spilled kilobytes of registers in fp32
+and took minutes to compile), ignoring ``DITPERF_ATTN_CONFIGS`` and the autotuner.
 
 CUDA graphs / torch.compile. Launches allocate with ``torch.empty`` and never read a value
 back to the host, so a warmed-up call can be captured in a CUDA graph. Warm up first: the
@@ -522,6 +524,11 @@ _CURATED: dict[str, list[tuple[int, int, int, int]]] = {
     "dkdv": [(64, 128, 3, 8), (64, 128, 2, 8), (64, 64, 3, 4), (64, 64, 4, 4)],
 }
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=1)
+# fp32 inputs on a GPU (IEEE dots on CUDA cores, meant for tests): one small config for every
+# kind, never tuned and not subject to DITPERF_ATTN_CONFIGS. The curated 128x128 tiles took
+# minutes to compile in fp32 (kilobytes of spills); these tiles stay far below the register
+# line of ``_footprint`` (fwd/dq/dkdv 64/72/72 at 64+16 columns, 88/96/96 padded to 128).
+_FP32_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
 _SMEM_LIMIT = 232448  # H100/H200: 227 KB of shared memory per block
 _ACC_REGS_LIMIT = 192  # fp32 tile registers per thread above which ptxas spilled (sm_90)
 
@@ -583,6 +590,8 @@ def _prune(kind: str):
     def prune(configs: list[triton.Config], named_args: dict[str, Any],
               **kwargs: Any) -> list[triton.Config]:
         args = {**named_args, **kwargs}
+        if args.get("IEEE") or args["Q"].element_size() == 4:  # fp32: one small config
+            return [_FP32_CONFIG]
         d_cols = args["BLOCK_D0"] + (args["BLOCK_D1"] if args["SPLIT"] else 0)
         elem = args["Q"].element_size()
         sizes = {c: _footprint(kind, c, d_cols, elem) for c in configs}
@@ -626,7 +635,7 @@ def _launch(kind: str, grid: Any, args: tuple[Any, ...], meta: dict[str, Any]) -
     if mode not in ("curated", "full", "off"):
         raise ValueError(f"ditperf attention: AUTOTUNE / DITPERF_ATTN_AUTOTUNE must be 'curated', "
                          f"'full' or 'off', got {mode!r}")
-    if mode == "off":
+    if mode == "off" or meta.get("IEEE"):  # fp32: the one fp32 config, no timing (see _prune)
         _launch_untuned(kind, grid, args, meta)
         return
     _kernel(kind, mode)[grid](*args, **meta)
@@ -638,7 +647,8 @@ _UNTUNED: dict[tuple[Any, ...], triton.Config] = {}
 def _launch_untuned(kind: str, grid: Any, args: tuple[Any, ...], meta: dict[str, Any]) -> None:
     """The first curated config that passes the prune and compiles within the device's
     resources (the smem estimate is calibrated on triton 3.3; a newer Triton may need a
-    little more): remembered per kernel kind, head-dim tiles, flags and dtype."""
+    little more): remembered per kernel kind, head-dim tiles, flags and dtype. fp32 inputs
+    get :data:`_FP32_CONFIG` (the prune returns only that)."""
     body = KERNEL_BODIES[kind]
     key = (kind, args[0].dtype, *sorted((k, v) for k, v in meta.items() if k != "HEAD_DIM"))
     if key in _UNTUNED:

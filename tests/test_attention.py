@@ -120,6 +120,28 @@ def test_head_dim_tiles():
     assert attn_mod.head_dim_tiles(72, split=False) == (128, 0)
 
 
+def test_gpu_config_choice_fp32_vs_bf16(monkeypatch):
+    """Config selection (used on a GPU; the interpreter has one fixed config): fp32 (IEEE dots)
+    gets one small config for every kernel kind, far below the register line, while
+    ``DITPERF_ATTN_CONFIGS`` still restricts bf16/fp16."""
+    monkeypatch.setenv("DITPERF_ATTN_CONFIGS", "fwd=64x64x1x4")
+    fp32_q, bf16_q = torch.empty(1), torch.empty(1, dtype=torch.bfloat16)
+    cfg = attn_mod._FP32_CONFIG
+    for d0, d1, split in ((64, 16, True), (128, 16, False)):
+        meta = {"BLOCK_D0": d0, "BLOCK_D1": d1, "SPLIT": split}
+        for kind in ("fwd", "dq", "dkdv"):
+            configs = attn_mod._configs(kind, "curated")
+            assert attn_mod._prune(kind)(configs, {"Q": fp32_q}, IEEE=True, **meta) == [cfg]
+            bf16 = attn_mod._prune(kind)(configs, {"Q": bf16_q}, IEEE=False, **meta)
+            assert bf16 and cfg not in bf16
+            _, regs = attn_mod._footprint(kind, cfg, d0 + (d1 if split else 0), 4)
+            assert regs <= attn_mod._ACC_REGS_LIMIT / 2
+    pinned = attn_mod._configs("fwd", "curated")
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, c.num_warps) for c in pinned] == [
+        (64, 64, 1, 4)]
+    assert len(attn_mod._configs("dq", "curated")) == len(attn_mod._CURATED["dq"])  # not named: curated
+
+
 def test_custom_scale(device):
     _check((1, 1, 33, 45, 40), torch.float32, device, scale=0.3, torch_baselines=False)
 

@@ -39,6 +39,18 @@ def test_attention_diagnosis_plumbing_dry_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["jobs"] and all(job["ok"] for job in doc["jobs"]), proc.stdout
+    assert doc["conclusion"].startswith("all pass"), doc["conclusion"]
+    assert "conclusion: all pass" in proc.stdout
+    kernel_jobs = [job for job in doc["jobs"] if job["kind"] in ("fwd", "bwd")]
+    # both kinds, both head-dim paths, curated stages and num_stages=1; plus the norms step
+    assert {(j["kind"], j["path"], j["stages"]) for j in kernel_jobs} == {
+        (kind, path, stages) for kind in ("fwd", "bwd") for path in ("split", "padded") for stages in (">=2", "1")}
+    assert any(job["kind"] == "model-norms" for job in doc["jobs"])
+    # every kernel job launched its kernel repeatedly on every shape
+    n_shapes = len(doc["shapes"])
+    assert all(job["launches"] == n_shapes * (1 + doc["repeats"]) > 1 for job in kernel_jobs), proc.stdout
+    assert all(r["repeat_identical"] for job in kernel_jobs for r in job["results"])
+    assert all(j["env"]["DITPERF_ATTN_SPLIT_D"] == ("0" if j["path"] == "padded" else "1") for j in kernel_jobs)
     line = env_file.read_text().strip()
     assert line.startswith("DITPERF_ATTN_CONFIGS=") and all(f"{k}=" in line for k in ("fwd", "dq", "dkdv"))
 
