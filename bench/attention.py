@@ -458,7 +458,7 @@ def compile_check(head_dims: tuple[int, ...] = (64, 72, 96, 128)) -> list[dict[s
             meta = mod._head_meta(d)
             cols = meta["BLOCK_D0"] + (meta["BLOCK_D1"] if meta["SPLIT"] else 0)
             const = {k: v for k, v in meta.items() if k != "HEAD_DIM"}
-            const.update(HAS_MASK=has_mask, INTERPRET=False, IEEE=False)
+            const.update(HAS_MASK=has_mask, INTERPRET=False, IEEE=False, ALIGN=8)
             if kind == "dq":
                 const["HAS_GLSE"] = False
             for cfg in mod._configs(kind, "curated"):

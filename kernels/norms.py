@@ -474,8 +474,8 @@ def _bwd_configs(block_c: int) -> list[triton.Config]:
     configs = []
     rows = max(1, 1024 // block_c)
     while rows * block_c <= 8192:
-        for warps in (4, 8, 16):
-            if rows * block_c // (32 * warps) in (4, 8):
+        for warps in (8, 16):
+            if rows * block_c // (32 * warps) in (4, 8, 16):
                 configs += [triton.Config({"ROWS": rows, "PROGS": progs, "PREFETCH": True},
                                           num_warps=warps) for progs in _BWD_PROGS]
         rows *= 2

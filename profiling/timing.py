@@ -17,10 +17,17 @@ import torch
 
 
 def time_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100,
-            cpu_reps: int = 1) -> float:
-    """Median milliseconds per call of ``fn``."""
+            cpu_reps: int = 1, graph: bool = False) -> float:
+    """Median milliseconds per call of ``fn``. ``graph`` (GPU): replay ``fn`` captured in a
+    CUDA graph (``triton.testing.do_bench_cudagraph``), i.e. GPU time without the Python /
+    dispatch overhead of each launch, which bounds sub-millisecond kernels called eagerly."""
     if torch.cuda.is_available():
         import triton.testing
+
+        if graph:
+            fn()  # warm: autotuning and allocations happen outside the capture
+            torch.cuda.synchronize()
+            return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
 
         return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
     samples = []
