@@ -212,9 +212,12 @@ def run(smoke: bool = False, quick: bool = False, *, budget_s: float | None = No
                     extra["error"] = f"{type(exc).__name__}: {exc}"[:300]
             gbps = None if ms is None or smoke else nbytes / (ms * 1e-3) / 1e9
             rows.append(Row(BENCH, f"{case.name} {mode}", case.shape, provider, ms=ms, gbps=gbps, extra=extra))
-            if ms is not None and not smoke and provider != "torch.compile":
+            if ms is not None and not smoke and provider != "torch.compile" and mode != "bwd":
                 # the same call replayed from a CUDA graph: GPU time without the per-call
-                # Python / custom-op dispatch overhead (rows "<case> <mode> graph")
+                # Python / custom-op dispatch overhead (rows "<case> <mode> graph"). Not "bwd":
+                # autograd runs a backward on the stream of its forward, which was recorded
+                # outside the capture stream, and the failed capture poisons the CUDA RNG for
+                # the rest of the process (seen on the H100, run 2026-11-27 0a3e5e2).
                 gextra = {**extra, "timing": "cuda graph"}
                 try:
                     gms = time_ms(timers[mode], rep_ms=rep, graph=True)
@@ -250,9 +253,9 @@ SWEEP_BWD = {
 
 
 def sweep_bwd(budget_s: float = 90.0) -> list[Row]:
-    """Time (CUDA graph replay) the backward of ln_mod, gated and qk_rms at the quick shape
-    under each config of SWEEP_BWD (DITPERF_NORM_BWD_CONFIGS pins one config; the kernel cache is cleared between
-    configs). Rows: case "<op> bwd sweep", provider "ditperf[RxWxPxF]"; eager for reference."""
+    """Time (CUDA graph replay of fwd+bwd: the forward config is the autotuned one, fixed)
+    ln_mod, gated and qk_rms at the quick shape under each backward config of SWEEP_BWD (DITPERF_NORM_BWD_CONFIGS pins one config; the kernel cache is cleared between
+    configs). Rows: case "<op> fwd+bwd graph sweep", provider "ditperf[RxWxPxF]"; eager for reference."""
     import os
 
     from ditperf.kernels import norms as norms_mod
@@ -267,27 +270,29 @@ def sweep_bwd(budget_s: float = 90.0) -> list[Row]:
     for case in make_cases(tokens, C, None, dtype, device, ("ln_mod", "gated", "qk_rms")):
         D = C // QK_HEADS if case.name == "qk_rms" else C
         specs = SWEEP_BWD.get(next_power_of_2(D), [])
-        nbytes = case.bytes_bwd
+        nbytes = case.bytes_fwd + case.bytes_bwd
         for provider, spec in [(BASELINE, None)] + [(f"ditperf[{s}]", s) for s in specs]:
             if time.perf_counter() - start > budget_s:
                 break
-            extra: dict[str, object] = {"mode": "bwd", "bytes": nbytes, "dtype": "bfloat16", "config": spec}
+            extra: dict[str, object] = {"mode": "fwd+bwd", "bytes": nbytes, "dtype": "bfloat16", "config": spec,
+                                        "timing": "cuda graph"}
             ms = None
             try:
                 if spec is not None:
                     os.environ["DITPERF_NORM_BWD_CONFIGS"] = spec
                     norms_mod._bwd_kernel.cache_clear()
                 timers = _timers(case.eager if spec is None else case.kernel, case.leaves)
-                # CUDA-graph replay: GPU time (eager calls of these ~0.1-0.4 ms kernels are
-                # bound by Python / dispatch overhead, which hid the differences in run 1)
-                ms = time_ms(timers["bwd"], rep_ms=25, graph=device.type == "cuda")
+                # CUDA-graph replay of fwd+bwd (forward and backward both inside the capture;
+                # a bwd-only capture fails, see run()): GPU time without the Python / dispatch
+                # overhead that bounded the eager timings of these ~0.1-0.4 ms kernels
+                ms = time_ms(timers["fwd+bwd"], rep_ms=25, graph=device.type == "cuda")
             except Exception as exc:  # noqa: BLE001 - a config that fails is a result too
                 extra["error"] = f"{type(exc).__name__}: {exc}"[:300]
             finally:
                 os.environ.pop("DITPERF_NORM_BWD_CONFIGS", None)
                 norms_mod._bwd_kernel.cache_clear()
             gbps = None if ms is None else nbytes / (ms * 1e-3) / 1e9
-            rows.append(Row(BENCH, f"{case.name} bwd sweep", case.shape, provider, ms=ms, gbps=gbps,
+            rows.append(Row(BENCH, f"{case.name} fwd+bwd graph sweep", case.shape, provider, ms=ms, gbps=gbps,
                             extra=extra))
             print(f"sweep {case.name:7s} {provider:22s} "
                   + (f"{ms:.4f} ms {gbps:6.0f} GB/s" if ms else str(extra.get("error"))), flush=True)
@@ -318,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                         "default: none, or 75 with --quick")
     p.add_argument("--sweep-bwd", type=float, default=0.0, metavar="SECONDS",
                    help="GPU: first time the backward under each config of SWEEP_BWD for up to "
-                        "SECONDS (rows 'ln_mod bwd sweep', ...), then run the normal benchmark")
+                        "SECONDS (rows 'ln_mod fwd+bwd graph sweep', ...), then run the normal benchmark")
     args = p.parse_args(argv)
     setup_interpreter_if_needed(args.smoke)
     budget = args.budget_s if args.budget_s is not None else (75.0 if args.quick else None)
