@@ -60,14 +60,17 @@ class Row:
 
 
 def git_sha() -> str:
-    """HEAD's short sha; on a device machine (a copy of the tree without .git) the sha that
-    ``bench/device.sh``'s caller wrote to ``.ditperf-sha``."""
+    """The sha that ``bench/device.sh``'s caller wrote to ``.ditperf-sha`` (a device machine's
+    copy of the tree may carry a stale .git: on 2026-11-27 it reported the session's start
+    commit for code two commits newer), else HEAD's short sha."""
+    stamp = REPO_ROOT / ".ditperf-sha"
+    if stamp.exists():
+        return stamp.read_text().strip() + " (from .ditperf-sha)"
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        stamp = REPO_ROOT / ".ditperf-sha"
-        return stamp.read_text().strip() + " (from .ditperf-sha)" if stamp.exists() else "unknown"
+        return "unknown"
 
 
 def metadata() -> dict[str, Any]:
