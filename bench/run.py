@@ -69,7 +69,7 @@ def gpu_parts() -> list[Part]:
                              "--out", "{out}"], 110),
         Part("train", py(str(HERE / "train.py"), "--preset", "dit-xl-2", "--batches", "20", "--backend-timeout", "45",
                           "--out", "{out}"), 100),
-        _pytest("gpu-tests-kernels", ["test_norms.py", "test_attention.py"], 120),
+        _pytest("gpu-tests-kernels", ["test_norms.py", "test_attention.py"], 240),
         Part("profile-kernels", ["ditperf", "profile", "kernels", "--quick", "--power", "--out", "{dir}/profile-kernels"], 90,
              produces_rows=False),
         Part("calibrate", ["ditperf", "profile", "calibrate", "--seconds", "30", "--out", "{out}"], 80,

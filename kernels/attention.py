@@ -84,10 +84,12 @@ this module with ``importlib.import_module("ditperf.kernels.attention")``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -123,6 +125,25 @@ def _split_default() -> bool:
     if value in ("1", "0"):
         return value == "1"
     return INTERPRET
+
+
+@functools.cache
+def split_known_bad() -> str:
+    """Why the split path must not run here ("" when not known to be broken): compiled (not
+    interpreted) with Triton >= 3.6 on an sm_90 (Hopper) GPU, where it was measured to fault.
+    Evaluated on first use (it queries the GPU; importing ditperf must not initialize CUDA)."""
+    if INTERPRET or not torch.cuda.is_available():
+        return ""
+    try:
+        major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+        cc = torch.cuda.get_device_capability()
+    except (ValueError, RuntimeError):
+        return ""
+    if (major, minor) >= (3, 6) and cc == (9, 0):
+        return (f"triton {triton.__version__} on sm_90 miscompiles the 16-column head-dim tiles "
+                "(illegal memory accesses / nondeterministic results, bench/results/"
+                "2026-11-27-h100-6753518)")
+    return ""
 
 
 SPLIT_HEAD_DIM: bool = _split_default()
@@ -729,6 +750,9 @@ def head_dim_tiles(d: int, split: bool | None = None) -> tuple[int, int]:
     when that covers fewer columns than ``next_power_of_2(d)``.
     """
     split = SPLIT_HEAD_DIM if split is None else split
+    if split and not INTERPRET and split_known_bad():
+        warnings.warn(f"ditperf attention: split head dim requested: {split_known_bad()}", RuntimeWarning,
+                      stacklevel=2)
     padded = max(16, next_power_of_2(d))
     if split:
         d0 = 1 << (d.bit_length() - 1)

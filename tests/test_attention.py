@@ -359,11 +359,15 @@ class TestGPU:
 
     @pytest.mark.parametrize("d", [8, 40, 112, 128])
     def test_head_dims(self, d, device):
-        """One D per remaining tile variant: 16 padded, 32+16 split, 128 padded, 128 exact."""
+        """One D per remaining tile variant: 16 padded, 40 (32+16 split under the interpreter,
+        padded to 64 on a GPU by default), 128 padded, 128 exact."""
         _check((2, 3, 200, 150, d), torch.bfloat16, device, mask_p=0.3)
 
     @pytest.mark.parametrize("split", [True, False])
     def test_head_dim_72_both_paths(self, split, device, monkeypatch):
+        if split and attn_mod.split_known_bad():
+            pytest.skip(f"split head dim on this GPU/Triton: {attn_mod.split_known_bad()} (it would kill "
+                        "the CUDA context for every later test)")
         monkeypatch.setattr(attn_mod, "SPLIT_HEAD_DIM", split)
         _check((2, 8, 1000, 1000, 72), torch.bfloat16, device, mask_p=0.1)
 
