@@ -72,6 +72,18 @@ def test_config_packaged_by_name_and_path_with_overrides(tmp_path: Path) -> None
     assert C.load_config(str(custom))["run_name"] == "mine"
 
 
+def test_fsdp_config_on_cpu_is_a_clear_error() -> None:
+    """The t2i-1b FSDP example on a CPU run: one ConfigError saying why, not Composer's
+    "Found no NVIDIA driver" traceback from inside its FSDP wrapper on every rank."""
+    from ditperf.trainer.train import resolve_device_precision
+
+    cfg = C.load_config("t2i-1b", ["device=cpu"])
+    with pytest.raises(C.ConfigError, match=r"parallelism_config.fsdp needs CUDA GPUs.*parallelism_config=null"):
+        resolve_device_precision(cfg)
+    cfg = C.load_config("t2i-1b", ["device=cpu", "parallelism_config=null"])
+    assert resolve_device_precision(cfg) == ("cpu", "fp32")
+
+
 def test_config_errors_list_valid_keys(tmp_path: Path) -> None:
     with pytest.raises(C.ConfigError, match=r"unknown config key 'optimizer.lrr'; valid keys under optimizer: lr, betas"):
         C.load_config("tiny-cpu", ["optimizer.lrr=1"])

@@ -59,6 +59,11 @@ def resolve_device_precision(cfg: dict[str, Any]) -> tuple[str, str]:
         precision = "amp_bf16" if device == "gpu" else "fp32"
     if device == "cpu" and precision != "fp32":
         raise ConfigError(f"precision={precision} needs a GPU (Composer refuses amp on CPU); use fp32 or auto")
+    par = cfg.get("parallelism_config") or {}
+    if device == "cpu" and isinstance(par, dict) and par.get("fsdp") is not None:
+        raise ConfigError("parallelism_config.fsdp needs CUDA GPUs (Composer's FSDP wrapper places each "
+                          "rank on torch.cuda.current_device()); on CPU drop it: parallelism_config=null "
+                          "(ranks launched with `composer -n N` then use DDP over gloo)")
     return device, precision
 
 
