@@ -20,9 +20,10 @@ Cases (each a group of rows, one per provider; baseline: ``eager``):
 * ``sample-20 t2i-1b``: 20 Euler steps with CFG (one image), same setup.
 
 Providers: ``eager`` (torch backend), ``compile`` (torch backend + torch.compile),
-``triton`` (ditperf.kernels backend), ``triton+compile``. Each provider runs in try/except:
+``triton`` (ditperf.kernels backend), ``triton-norms+sdpa`` (ditperf's norms, SDPA attention:
+per-op backends), ``triton+compile``. Each provider runs in try/except:
 a failure (OOM, compile error) becomes a row with ``ms=None`` and ``extra.error``; the
-others continue. ``--quick`` (the time-boxed suite, ~1-2 min) runs eager and triton only,
+others continue. ``--quick`` (the time-boxed suite, ~1-2 min) runs eager, triton and triton-norms+sdpa,
 with few steps; add ``--compile`` to include the compile providers (inductor needs 1-2 min
 per provider on a 1B model). ``--no-compile`` drops them in full mode.
 
@@ -53,7 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import Row, base_parser, finish, roofs_or_none, setup_interpreter_if_needed
 
-PROVIDERS = ("eager", "compile", "triton", "triton+compile")
+PROVIDERS = ("eager", "compile", "triton", "triton-norms+sdpa", "triton+compile")
 DATASHEET_TFLOPS = 989.0  # H100 SXM bf16 dense, NVIDIA datasheet
 BENCH = "model"
 
@@ -111,6 +112,11 @@ def _maybe_compile(model: torch.nn.Module, provider: str) -> torch.nn.Module:
 
 def _backend(provider: str) -> str:
     return "triton" if provider.startswith("triton") else "torch"
+
+
+def _set_backend(model: Any, provider: str) -> Any:
+    """``triton-norms+sdpa``: ditperf's fused norms with PyTorch's SDPA attention."""
+    return model.set_backend(_backend(provider), attention="torch" if provider.endswith("+sdpa") else None)
 
 
 def _peak_gib() -> float | None:
@@ -179,7 +185,7 @@ def _train_case(name: str, batch: int, providers: list[str], device: torch.devic
     for provider in providers:
         print(f"  {provider}: running", flush=True)
         try:
-            model.set_backend(_backend(provider))
+            _set_backend(model, provider)
             step = _train_step(_maybe_compile(model, provider), opt, data, autocast, device)
             _reset_peak()
             t0 = time.perf_counter()
@@ -254,7 +260,7 @@ def _infer_cases(name: str, providers: list[str], device: torch.device, quick: b
         case = f"cfg-step {cfg.name}{suffix}"
         try:
             with torch.no_grad():
-                model.set_backend(_backend(provider))
+                _set_backend(model, provider)
                 net = _maybe_compile(model, provider)
                 step = make_step(net, tuple(cond), cfg_scale=4.0)
                 t0 = time.perf_counter()

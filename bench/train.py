@@ -28,15 +28,20 @@ from benchlib import Row, base_parser, finish, roofs_or_none
 BENCH = "train"
 
 
+#: Backend names of this benchmark -> ``ditperf train`` overrides.
+BACKENDS = {"torch": ["model.backend=torch"], "triton": ["model.backend=triton"],
+            "triton-norms+sdpa": ["model.backend=triton", "model.attention_backend=torch"]}
+
+
 def _train(config: str, data: Path, backend: str, batches: int, out_json: Path, extra: list[str],
            timeout_s: float = 600) -> dict:
     window = min(20, max(1, batches // 2))  # SpeedMonitor's window: the steady state, not the first steps
-    argv = ["ditperf", "train", config, f"data.local={data}", f"model.backend={backend}",
+    argv = ["ditperf", "train", config, f"data.local={data}", *BACKENDS[backend],
             f"max_duration={batches}ba", f"callbacks.speed_monitor.window_size={window}", "console_log_interval=10ba",
             f"summary_file={out_json}", *extra]
     print("$ " + " ".join(argv), flush=True)
     try:
-        proc = subprocess.run(argv, timeout=timeout_s)
+        proc = subprocess.run(argv, check=False, timeout=timeout_s)
     except subprocess.TimeoutExpired as exc:
         raise RuntimeError(f"ditperf train ({backend}) did not finish in {timeout_s:.0f} s") from exc
     if proc.returncode != 0:
@@ -55,7 +60,11 @@ def _dump_partial(rows: list[Row], out: Path | None) -> None:
 
 
 def run(smoke: bool = False, quick: bool = False, *, preset: str = "dit-xl-2", batches: int = 50,
-        out: Path | None = None, backend_timeout_s: float = 600) -> list[Row]:
+        out: Path | None = None, backend_timeout_s: float = 600,
+        backends: tuple[str, ...] = ("torch", "triton")) -> list[Row]:
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
     config, extra = (preset, [])
     if smoke:
         config, preset, batches = "tiny-cpu", "tiny", 4
@@ -66,7 +75,7 @@ def run(smoke: bool = False, quick: bool = False, *, preset: str = "dit-xl-2", b
     subprocess.run(["ditperf", "data", "synth", "--out", str(data), "--preset", preset, "--num", str(num),
                     "--quiet"], check=True)
     rows = []
-    for backend in ("torch", "triton"):
+    for backend in backends:
         try:
             s = _train(config, data, backend, batches, work / f"summary-{backend}.json",
                        [f"model.preset={preset}", *extra], timeout_s=backend_timeout_s)
@@ -90,12 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="dit-xl-2")
     p.add_argument("--batches", type=int, default=50)
     p.add_argument("--backend-timeout", type=float, default=600, help="seconds per backend run")
+    p.add_argument("--backends", default="torch,triton",
+                   help=f"comma-separated, in order (default torch,triton; choices: {', '.join(BACKENDS)})")
     args = p.parse_args(argv)
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    if unknown := [b for b in backends if b not in BACKENDS]:
+        p.error(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
     if not torch.cuda.is_available() and not args.smoke:
         print("bench/train.py needs a GPU (or --smoke)", file=sys.stderr)
         return 2
     rows = run(args.smoke, args.quick, preset=args.preset, batches=args.batches, out=args.out,
-               backend_timeout_s=args.backend_timeout)
+               backend_timeout_s=args.backend_timeout, backends=backends)
     finish(rows, title="Composer training: " + (rows[0].case if rows else args.preset), baseline="torch", out=args.out,
            roofs=roofs_or_none() if not args.smoke else None)
     ok = all(r.ms and r.extra.get("loss_last") is not None for r in rows)

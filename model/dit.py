@@ -230,12 +230,13 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(hidden, hidden)
         self.qk_norm = QKNorm(hidden // heads, eps) if qk_norm else None
 
-    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backend: str, attn_backend: str | None = None) -> torch.Tensor:
+        """``backend`` runs the QK-norm, ``attn_backend`` (default: the same) the attention."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).unbind(2)
         if self.qk_norm is not None:
             q, k = self.qk_norm(q, k, backend)
-        return self.proj(_attend(q, k, v, None, backend))
+        return self.proj(_attend(q, k, v, None, attn_backend or backend))
 
 
 class CrossAttention(nn.Module):
@@ -249,14 +250,15 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(hidden, hidden)
         self.qk_norm = QKNorm(hidden // heads, eps) if qk_norm else None
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, backend: str,
+                attn_backend: str | None = None) -> torch.Tensor:
         b, n, c = x.shape
         d = c // self.heads
         q = self.q(x).reshape(b, n, self.heads, d)
         k, v = self.kv(text).reshape(b, text.shape[1], 2, self.heads, d).unbind(2)
         if self.qk_norm is not None:
             q, k = self.qk_norm(q, k, backend)
-        return self.proj(_attend(q, k, v, text_mask, backend))
+        return self.proj(_attend(q, k, v, text_mask, attn_backend or backend))
 
 
 class DiTBlock(nn.Module):
@@ -274,12 +276,13 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 6 * h))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor | None,
-                text_mask: torch.Tensor | None) -> torch.Tensor:
+                text_mask: torch.Tensor | None, attn_backend: str = "torch") -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
         norm = (x.shape[-1],)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(F.layer_norm(x, norm, eps=self.eps), shift1, scale1), "torch")
+        h = modulate(F.layer_norm(x, norm, eps=self.eps), shift1, scale1)
+        x = x + gate1.unsqueeze(1) * self.attn(h, "torch", attn_backend)
         if self.cross_attn is not None:
-            x = x + self.cross_attn(F.layer_norm(x, norm, eps=self.eps), text, text_mask, "torch")
+            x = x + self.cross_attn(F.layer_norm(x, norm, eps=self.eps), text, text_mask, "torch", attn_backend)
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(F.layer_norm(x, norm, eps=self.eps), shift2, scale2))
         return x
 
@@ -305,9 +308,13 @@ class DiT(nn.Module):
     """Latent DiT. ``DiT("tiny")``, ``DiT(get_config("t2i-1b"), backend="triton")``.
 
     See the module docstring for the forward contract. ``config`` may be a preset name.
+    ``backend`` runs the norms, modulations and gated residuals; ``attention_backend`` (None:
+    the same) the attention, so the fused norms can be combined with PyTorch's SDPA (which
+    dispatches to cuDNN / FlashAttention) or the reverse.
     """
 
-    def __init__(self, config: DiTConfig | str, backend: str = "torch") -> None:
+    def __init__(self, config: DiTConfig | str, backend: str = "torch",
+                 attention_backend: str | None = None) -> None:
         super().__init__()
         config = get_config(config) if isinstance(config, str) else config
         if not isinstance(config, DiTConfig):
@@ -324,7 +331,8 @@ class DiT(nn.Module):
         self._pos_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         self.initialize_weights()
         self.backend = "torch"
-        self.set_backend(backend)
+        self.attention_backend = "torch"
+        self.set_backend(backend, attention=attention_backend)
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -358,13 +366,17 @@ class DiT(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def set_backend(self, backend: str) -> DiT:
-        """Switch between ``"torch"`` and ``"triton"`` (ditperf.kernels); returns self."""
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if backend == "triton":
+    def set_backend(self, backend: str, *, attention: str | None = None) -> DiT:
+        """Switch between ``"torch"`` and ``"triton"`` (ditperf.kernels); ``attention`` sets the
+        attention's backend separately (None: the same as ``backend``). Returns self."""
+        attention = backend if attention is None else attention
+        for name, value in (("backend", backend), ("attention", attention)):
+            if value not in BACKENDS:
+                raise ValueError(f"{name} must be one of {', '.join(BACKENDS)}, got {value!r}")
+        if "triton" in (backend, attention):
             _kernels()
         self.backend = backend
+        self.attention_backend = attention
         return self
 
     def num_params(self) -> int:
@@ -541,7 +553,7 @@ class DiT(nn.Module):
             out = self._blocks_triton(tokens, c, text, cond_mask)
         else:
             for block in self.blocks:
-                tokens = block(tokens, c, text, cond_mask)
+                tokens = block(tokens, c, text, cond_mask, self.attention_backend)
             out = self.final_layer(tokens, c)
         return unpatchify(out, p, cfg.out_channels, h, w)
 
@@ -558,10 +570,10 @@ class DiT(nn.Module):
         h = K.layer_norm(x, shift=mods[0][0], scale=mods[0][1], eps=eps)
         for i, blk in enumerate(self.blocks):
             _, _, gate1, shift2, scale2, gate2 = mods[i]
-            a = blk.attn(h, "triton").to(dt)
+            a = blk.attn(h, "triton", self.attention_backend).to(dt)
             if blk.cross_attn is not None:
                 x, h = K.gated_residual_layer_norm(x, a, gate1, eps=eps)
-                ca = blk.cross_attn(h, text, text_mask, "triton").to(dt)
+                ca = blk.cross_attn(h, text, text_mask, "triton", self.attention_backend).to(dt)
                 x, h = K.gated_residual_layer_norm(x, ca, None, shift=shift2, scale=scale2, eps=eps)
             else:
                 x, h = K.gated_residual_layer_norm(x, a, gate1, shift=shift2, scale=scale2, eps=eps)
@@ -571,4 +583,5 @@ class DiT(nn.Module):
         return self.final_layer.linear(h)
 
     def extra_repr(self) -> str:
-        return f"{self.config.describe()}; backend={self.backend}"
+        attn = "" if self.attention_backend == self.backend else f", attention={self.attention_backend}"
+        return f"{self.config.describe()}; backend={self.backend}{attn}"

@@ -37,8 +37,13 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+MIXED = [("triton", "torch"), ("torch", "triton")]  # (norms, attention): per-op backends
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_backends_agree_fwd_and_grads(case: str) -> None:
+@pytest.mark.parametrize("backend,attention", [("triton", None), *MIXED],
+                         ids=["triton", "triton-norms+sdpa", "torch-norms+triton-attention"])
+def test_backends_agree_fwd_and_grads(case: str, backend: str, attention: str | None) -> None:
     overrides, sizes = CASES[case]
     model = randomize(DiT(get_config("tiny", **overrides)))
     inputs = model.example_inputs(2, **sizes)
@@ -48,7 +53,7 @@ def test_backends_agree_fwd_and_grads(case: str) -> None:
     ref_inputs = tuple(t.double() if t.is_floating_point() else t for t in inputs)
     ref_out, ref_grads = run(ref_model, ref_inputs, probe)
     torch_out, torch_grads = run(model, inputs, probe)
-    tri_out, tri_grads = run(model.set_backend("triton"), inputs, probe)
+    tri_out, tri_grads = run(model.set_backend(backend, attention=attention), inputs, probe)
 
     scale = ref_out.abs().max().item()
     assert scale > 0
@@ -57,6 +62,17 @@ def test_backends_agree_fwd_and_grads(case: str) -> None:
     for name, g in ref_grads.items():
         atol = 1e-5 * g.abs().max().item() + 1e-7
         assert max_err(tri_grads[name], g) <= 2 * max_err(torch_grads[name], g) + atol, name
+
+
+def test_per_op_backend_switch() -> None:
+    """``attention`` follows ``backend`` unless set; the choice shows in repr; bad names refused."""
+    model = DiT("tiny", backend="triton", attention_backend="torch")
+    assert (model.backend, model.attention_backend) == ("triton", "torch")
+    assert "backend=triton, attention=torch" in repr(model)
+    model.set_backend("torch")
+    assert (model.backend, model.attention_backend) == ("torch", "torch")
+    with pytest.raises(ValueError, match="attention must be one of torch, triton, got 'cudnn'"):
+        model.set_backend("triton", attention="cudnn")
 
 
 def test_triton_backend_fresh_model_is_zero() -> None:
@@ -96,7 +112,8 @@ def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     ("dit-s-2", {}),
     ("t2i-1b", {"depth": 2, "hidden_size": 384, "num_heads": 6, "latent_size": (32, 48), "text_len": 77}),
 ])
-def test_backends_agree_bf16_autocast_cuda(name: str, overrides: dict) -> None:
+@pytest.mark.parametrize("attention", [None, "torch"], ids=["triton", "triton-norms+sdpa"])
+def test_backends_agree_bf16_autocast_cuda(name: str, overrides: dict, attention: str | None) -> None:
     """bf16 autocast on CUDA: triton error vs the fp32 torch reference at most ~2x the
     error of torch under the same autocast (output and relative L2 of every gradient)."""
     dev = torch.device("cuda")
@@ -111,7 +128,7 @@ def test_backends_agree_bf16_autocast_cuda(name: str, overrides: dict) -> None:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     with torch.autocast("cuda", dtype=torch.bfloat16):
         torch_out, torch_grads = run(model, inputs, probe)
-        tri_out, tri_grads = run(model.set_backend("triton"), inputs, probe)
+        tri_out, tri_grads = run(model.set_backend("triton", attention=attention), inputs, probe)
     scale = ref_out.abs().max().item()
     assert max_err(tri_out, ref_out) <= 2 * max_err(torch_out, ref_out) + 1e-2 * scale
     assert set(tri_grads) == set(ref_grads)

@@ -216,6 +216,18 @@ def test_triton_backend_trains(tiny_data: Path, tmp_path: Path) -> None:
     assert torch.isfinite(torch.tensor(summary["loss_last"]))
 
 
+def test_per_op_attention_backend(tiny_data: Path, tmp_path: Path) -> None:
+    """model.attention_backend picks the attention's backend apart from model.backend (e.g.
+    ditperf's norms with PyTorch's SDPA); a bad value is a clear ConfigError."""
+    summary = _train([f"data.local={tiny_data}", "max_duration=1ba", "global_train_batch_size=2",
+                      "model.backend=torch", "model.attention_backend=triton", "data.num_workers=0",
+                      "ema.enabled=false", *CPU])
+    assert summary["backend"] == "torch (attention: triton)" and summary["batches"] == 1
+    assert torch.isfinite(torch.tensor(summary["loss_last"]))
+    with pytest.raises(C.ConfigError, match="model.attention_backend must be torch, triton or null"):
+        _train([f"data.local={tiny_data}", "model.attention_backend=cudnn", *CPU])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "model": {
         "preset": "tiny",  # a ditperf.model.PRESETS name
         "backend": "torch",  # torch | triton (ditperf kernels)
+        "attention_backend": None,  # torch | triton | null (= backend): per-op switch for attention
         "compile": False,  # torch.compile the DiT
         # + any DiTConfig field (depth, edit, conditioning, num_classes, text_dim, ...)
     },

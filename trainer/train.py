@@ -190,10 +190,14 @@ def build_trainer(cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     backend = cfg["model"]["backend"]
     if backend not in ("torch", "triton"):
         raise ConfigError(f"model.backend must be torch or triton, got {backend!r}")
+    attention_backend = cfg["model"].get("attention_backend")
+    if attention_backend not in (None, "torch", "triton"):
+        raise ConfigError(f"model.attention_backend must be torch, triton or null (= model.backend), "
+                          f"got {attention_backend!r}")
     train_spec, schema = prepare_data(cfg, mcfg, batch, world_size, rank)
 
     reproducibility.seed_all(int(cfg["seed"]))  # same init on every rank, and across resumes
-    dit = DiT(mcfg, backend=backend)
+    dit = DiT(mcfg, backend=backend, attention_backend=attention_backend)
     loss_cfg = cfg["loss"]
     model = DiTComposerModel(dit, seed=int(cfg["seed"]), cond_dropout=float(loss_cfg["cond_dropout"]),
                              edit_region_only=bool(loss_cfg["edit_region_only"]), t_mean=float(loss_cfg["t_mean"]),
@@ -237,7 +241,8 @@ def build_trainer(cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     )
     info = {"device": device, "precision": precision, "world_size": world_size, "rank": rank,
             "device_batch_size": batch, "model": mcfg.describe(), "params": dit.num_params(),
-            "backend": backend, "memory_logger": memory, "schema": schema}
+            "backend": backend if attention_backend in (None, backend) else f"{backend} (attention: {attention_backend})",
+            "memory_logger": memory, "schema": schema}
     return trainer, info
 
 
@@ -315,7 +320,7 @@ def _kernels_first(cfg: dict[str, Any]) -> None:
     """Import ditperf.kernels before Composer when the triton backend is used: without a GPU
     it turns on Triton's CPU interpreter, which only works if it happens before anything
     imports triton (Composer does, through torch.distributed)."""
-    if cfg["model"]["backend"] == "triton":
+    if "triton" in (cfg["model"]["backend"], cfg["model"].get("attention_backend")):
         import ditperf.kernels  # noqa: F401
 
 
