@@ -70,8 +70,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (Row, base_parser, finish, report_correctness, roofs_or_none,
-                      setup_interpreter_if_needed)
+from benchlib import (
+    Row,
+    base_parser,
+    finish,
+    report_correctness,
+    roofs_or_none,
+    setup_interpreter_if_needed,
+)
 
 BENCH = "attention"
 BASELINE = "sdpa-flash"

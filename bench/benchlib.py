@@ -79,7 +79,7 @@ def metadata() -> dict[str, Any]:
 
     meta: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "git_sha": git_sha(),
         "python": platform.python_version(),

@@ -220,9 +220,7 @@ def model_worker(mode: str) -> dict:
     """One DiT-XL/2-shaped bf16 training step (B=16) with the triton backend; ``norms`` swaps
     attention for SDPA to test the norm kernels alone."""
     import torch
-
-    import ditperf.model.dit as dit
-    from ditperf.model import DiT, flow_matching_loss
+    from ditperf.model import DiT, dit, flow_matching_loss
 
     if mode == "norms":
         original = dit._attend

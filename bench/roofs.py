@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 
 import torch
-
 from benchlib import Row, base_parser, finish
 
 

@@ -177,7 +177,6 @@ def step_export(demo: Demo) -> dict[str, Any]:
 
 def step_sample(demo: Demo) -> dict[str, Any]:
     import torch
-
     from ditperf.model import sample
 
     model, device = _trained_model(demo, "torch")
@@ -239,7 +238,6 @@ def _trained_model(demo: Demo, backend: str) -> tuple[Any, Any]:
     """The demo's model with the trained weights (the EMA is what Composer swaps in at the
     end of fit and saves), on the GPU when there is one."""
     import torch
-
     from ditperf.export.onnx_export import load_checkpoint
     from ditperf.model import DiT
 
@@ -377,7 +375,6 @@ def run_demo(out: Path, where: str, *, batches: int | None = None, skip: tuple[s
 
 def _run(args: argparse.Namespace) -> int:
     import torch
-
     from ditperf.cli.errors import UserError
 
     where = args.device

@@ -165,7 +165,7 @@ def _graph_facts(graph: onnx.GraphProto) -> GraphFacts:
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # shape inference is advisory here: fall back to declared types
+    except Exception:  # noqa: BLE001 - shape inference is advisory here: fall back to declared types
         return model
 
 
@@ -248,8 +248,8 @@ def _judge_node(i: int, node: onnx.NodeProto, facts: GraphFacts, rules: dict[str
     types = [ptype] if ptype else []
     if node.domain not in DEFAULT_DOMAINS:
         return NodeVerdict(i, name, node.op_type, node.domain, False, "plugin", types,
-                           [f"custom domain '{node.domain}': needs a TensorRT plugin "
-                            f"registered as '{node.op_type}'"])
+                           [(f"custom domain '{node.domain}': needs a TensorRT plugin "
+                            f"registered as '{node.op_type}'")])
     rule = rules.get(node.op_type)
     if rule is None:
         return NodeVerdict(i, name, node.op_type, "", False, "matrix", types,
@@ -415,14 +415,14 @@ def live_available() -> str | None:
     """None when the live parser can run here, else the reason it cannot."""
     try:
         import tensorrt  # noqa: F401
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken TensorRT install is "not usable", whatever it raises
         return "TensorRT is not installed (pip install 'ditperf[trt]' on a GPU machine)"
     try:
         import torch
 
         if not torch.cuda.is_available():
             return "no CUDA GPU visible"
-    except Exception:
+    except Exception:  # noqa: BLE001 - any CUDA query failure means no usable GPU
         return "torch cannot query CUDA"
     return None
 

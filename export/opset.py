@@ -74,7 +74,7 @@ def lower_18_to_17(model: onnx.ModelProto) -> onnx.ModelProto:
             for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
                 dims = vi.type.tensor_type.shape.dim
                 shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 - shapes are a hint here; none is fine
             pass
     new_inits = []
     for node in g.node:

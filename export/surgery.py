@@ -129,12 +129,12 @@ def infer_shapes(model: onnx.ModelProto, *, skeleton_above: int = 2**31 - 2**27
     if model_nbytes(model) < skeleton_above:
         try:
             return onnx.shape_inference.infer_shapes(model, data_prop=True)
-        except Exception:
+        except Exception:  # noqa: BLE001 - data propagation is optional; plain inference next
             return onnx.shape_inference.infer_shapes(model)
     skel = skeleton(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 - data propagation is optional; plain inference next
         inferred = onnx.shape_inference.infer_shapes(skel)
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
@@ -174,7 +174,7 @@ def onnx_dtype(dt) -> int | None:
         return dt
     try:
         return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dt))
-    except Exception:
+    except Exception:  # noqa: BLE001 - a dtype ONNX cannot name: the caller reports it
         return None
 
 
@@ -377,8 +377,8 @@ def _match_layernorm(div: gs.Node, graph: gs.Graph) -> dict | None:
 
 def pass_fold_layernorm(graph: gs.Graph, opts: SurgeryOptions) -> tuple[dict, list]:
     if (graph.opset or 0) < 17:
-        return {"layernorms_folded": 0}, [f"skipped: LayerNormalization needs opset >= 17 "
-                                          f"(model has {graph.opset}; use --opset 17)"]
+        return {"layernorms_folded": 0}, [(f"skipped: LayerNormalization needs opset >= 17 "
+                                          f"(model has {graph.opset}; use --opset 17)")]
     folded, notes = 0, []
     for node in list(graph.nodes):
         m = _match_layernorm(node, graph)
@@ -478,8 +478,8 @@ def _nan_guard(p: gs.Tensor) -> gs.Tensor | None:
 
 def pass_fold_attention(graph: gs.Graph, opts: SurgeryOptions) -> tuple[dict, list]:
     if (graph.opset or 0) < 23:
-        return {"attentions_folded": 0}, [f"skipped: ONNX Attention needs opset >= 23 (model "
-                                          f"has {graph.opset}; use --opset 23)"]
+        return {"attentions_folded": 0}, [(f"skipped: ONNX Attention needs opset >= 23 (model "
+                                          f"has {graph.opset}; use --opset 23)")]
     folded, guards, notes = 0, 0, []
     for sm in list(graph.nodes):
         if sm.op != "Softmax" or sm.attrs.get("axis", -1) not in (-1, 3):

@@ -12,8 +12,8 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from ditperf.kernels.attention import attention, attention_ref, joint_attention_mask  # noqa: E402
-from ditperf.kernels.norms import (  # noqa: E402
+from ditperf.kernels.attention import attention, attention_ref, joint_attention_mask
+from ditperf.kernels.norms import (
     gated_residual_layer_norm,
     gated_residual_layer_norm_ref,
     layer_norm,

@@ -14,8 +14,8 @@ import random
 # interpreter's matmuls 3-4x slower (measured by the attention work).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
