@@ -52,6 +52,11 @@ Prediction, written before any GPU run (H100 SXM, triton 3.6, N=4096 unless note
   D=72  bwd ~170-200 TFLOP/s, ~0.8-1.0x best SDPA.
   D=64  fwd ~330 TFLOP/s (exp-bound at small D), ~0.75x cuDNN.
   cross (Nk=120) ~40-60 us fwd, memory-bound (~1.5-2 TB/s), within 0.8-1.2x of SDPA.
+
+Measured (H100 80GB HBM3, triton 3.6, torch 2.11, 2026-11-27, bench/results/*-0a3e5e2): D=128
+fwd 506 TFLOP/s (1.47x flash, 0.74x cuDNN 679), bwd 412 (0.81x cuDNN); D=72 (padded to 128:
+the split path faults on triton 3.6 / sm_90) fwd 275 (1.18x flash, 0.71x cuDNN 387), bwd 245
+(1.32x flash, 0.82x cuDNN); cross fwd 96 us (0.89x flash, cuDNN 57 us). Targets: not met.
 """
 
 from __future__ import annotations

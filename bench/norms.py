@@ -31,6 +31,8 @@ Prediction (not measured yet; copy roof ~3.0 TB/s): fwd 2.4-2.8 TB/s, bwd 2.0-2.
 C = 1152..2048 and 32k-64k tokens (the bwd time includes autograd, the custom-op dispatch and
 the small partial-sum reductions), lower (~1.5-2.0 TB/s) at 8k tokens where launch overhead
 and tails weigh; 2.5-3.5x eager; torch.compile within ~10-25% of ditperf.
+Measured (H100, 2026-11-27, bench/results/): see the ledger; in short forward 1.0-2.0 TB/s
+(2-3x eager), backward 0.5-0.9 TB/s (0.8-1.3x eager), i.e. below these predictions.
 """
 
 from __future__ import annotations

@@ -60,12 +60,15 @@ partial row per program; a torch ``.sum`` over the small (programs, C) buffer fi
 ``ROWS`` and ``num_warps`` are autotuned per ``BLOCK_C`` (key: C and the feature flags); under
 the interpreter one config with large row blocks (its cost is per program step).
 
-Predicted on H100 (copy roof ~3.0 TB/s, bf16, 16k-64k tokens, C in 768..2048; not measured
-yet): forward ~2.4-2.8 TB/s (80-93% of copy), backward ~2.0-2.4 TB/s (the partial-sum
-buffers are < 1% of the bytes: (4 x SMs) x C x 4 bytes each), both 2.5-3.5x faster than eager
-(which makes 3 passes or more). Registers (ptxas -v, sm_90, bf16): forward 40-96, backward
-49-128 per thread for the autotune candidates; no spills except a few bytes in the
-largest gated backward tiles at small C (the autotuner can pick around them).
+Predicted on H100 before any run: forward 2.4-2.8 TB/s, backward 2.0-2.4 TB/s, 2.5-3.5x eager.
+Measured (H100, triton 3.6, bf16, 32k tokens, C=1152; bench/results/2026-11-27-*): forward
+gated residual + LN 2.0-2.8 TB/s (93% of copy in 2 s loops), LN + modulate 1.0-1.7 TB/s,
+QK-RMSNorm (D=72) 1.0 TB/s after the ALIGN fix (0.6 before); backward 0.5-1.1 TB/s, 0.8-1.3x
+eager (0.4-0.5 TB/s and 0.6-0.8x before the prefetch / smaller-tile rework), below target.
+Eager timings of these ~0.1-0.4 ms calls carry per-call CPU time (custom-op dispatch,
+autograd, Triton launch); the sweep in bench/norms.py times configs from CUDA graphs.
+Registers (ptxas -v, sm_90, bf16): forward 40-96; backward 100-255 for the candidates
+(prefetch adds ~25-45), no spills except in 4-warp gated tiles (not in the candidate list).
 """
 
 
