@@ -102,6 +102,7 @@ from ditperf.kernels._common import (
     autotune,
     check_tensor,
     dot,
+    eager_fast_path,
     next_power_of_2,
     require_kernel_device,
 )
@@ -926,12 +927,17 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: t
 # ----------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("ditperf::attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     _check_inputs(q, k, v, key_mask, scale)
     require_kernel_device(("q", q), ("k", k), ("v", v))
     return _forward(q, k, v, key_mask, scale)
+
+
+@torch.library.custom_op("ditperf::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_impl(q, k, v, key_mask, scale)
 
 
 @_attention_op.register_fake
@@ -947,6 +953,13 @@ def _attention_bwd_op(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: 
                       k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                       key_mask: torch.Tensor | None, scale: float
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_bwd_impl(grad_out, grad_lse, q, k, v, out, lse, key_mask, scale)
+
+
+def _attention_bwd_impl(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor,
+                        k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                        key_mask: torch.Tensor | None, scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_tensor("grad_out", grad_out, shape=out.shape, dtype=out.dtype,
                  last_dim_contiguous=grad_out.numel() > 0)
     check_tensor("lse", lse, shape=(q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32,
@@ -976,18 +989,34 @@ def _dense_last_dim(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _autograd_backward(ctx: Any, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None
-                       ) -> tuple[torch.Tensor | None, ...]:
+def _autograd_backward(ctx: Any, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None,
+                       bwd: Any = None) -> tuple[torch.Tensor | None, ...]:
     q, k, v, out, lse, key_mask = ctx.saved_tensors
     grad_out = torch.zeros_like(out) if grad_out is None else _dense_last_dim(grad_out)
     if grad_lse is not None:
         grad_lse = grad_lse.contiguous()
-    dq, dk, dv = torch.ops.ditperf.attention_bwd(
-        grad_out, grad_lse, q, k, v, out, lse, key_mask, ctx.scale)
+    bwd = bwd or torch.ops.ditperf.attention_bwd
+    dq, dk, dv = bwd(grad_out, grad_lse, q, k, v, out, lse, key_mask, ctx.scale)
     return dq, dk, dv, None, None
 
 
 _attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+class _AttentionFn(torch.autograd.Function):
+    """The eager fast path (``_common.eager_fast_path``): the same launchers as the custom op,
+    without the dispatcher's per-call host time."""
+
+    @staticmethod
+    def forward(ctx: Any, q, k, v, key_mask, scale):  # type: ignore[override]
+        ctx.set_materialize_grads(False)  # lse's gradient stays None unless lse is used
+        out, lse = _attention_impl(q, k, v, key_mask, scale)
+        _setup_context(ctx, (q, k, v, key_mask, scale), (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, grad_out, grad_lse):  # type: ignore[override]
+        return _autograd_backward(ctx, grad_out, grad_lse, _attention_bwd_impl)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1012,6 +1041,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         ``out.transpose(1, 2).reshape(B, Nq, H * D)`` is free).
     """
     s = _check_inputs(q, k, v, key_mask, scale)
+    if eager_fast_path(q, k, v, key_mask):
+        return _AttentionFn.apply(q, k, v, key_mask, s)[0]
     return torch.ops.ditperf.attention(q, k, v, key_mask, s)[0]
 
 

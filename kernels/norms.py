@@ -90,6 +90,7 @@ from ditperf.kernels._common import (
     INTERPRET,
     autotune,
     check_tensor,
+    eager_fast_path,
     next_power_of_2,
     num_sms,
     require_kernel_device,
@@ -774,13 +775,22 @@ def _empty_grads(x: torch.Tensor, y: torch.Tensor | None, gate, weight, bias, sh
 # layer_norm ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("ditperf::layer_norm", mutates_args=())
-def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                   shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
+def _layer_norm_impl(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                     shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
     _check_args("layer_norm", x, params=(("weight", weight), ("bias", bias)),
                 per_sample=(("shift", shift), ("scale", scale)))
     _check_device(x, ("weight", weight), ("bias", bias), ("shift", shift), ("scale", scale))
     return _norm_fwd(x, None, None, weight, bias, shift, scale, eps, is_rms=False)[0]
+
+
+def _layer_norm_bwd_impl(dh, x, weight, bias, shift, scale, eps):
+    return _norm_bwd(dh, x, None, None, None, weight, bias, shift, scale, eps, is_rms=False)
+
+
+@torch.library.custom_op("ditperf::layer_norm", mutates_args=())
+def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return _layer_norm_impl(x, weight, bias, shift, scale, eps)
 
 
 @_layer_norm_op.register_fake
@@ -794,7 +804,7 @@ def _(x, weight, bias, shift, scale, eps):
 def _layer_norm_bwd_op(dh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
                        bias: torch.Tensor | None, shift: torch.Tensor | None,
                        scale: torch.Tensor | None, eps: float) -> list[torch.Tensor]:
-    return _norm_bwd(dh, x, None, None, None, weight, bias, shift, scale, eps, is_rms=False)
+    return _layer_norm_bwd_impl(dh, x, weight, bias, shift, scale, eps)
 
 
 @_layer_norm_bwd_op.register_fake
@@ -808,9 +818,10 @@ def _layer_norm_setup(ctx, inputs, output) -> None:
     ctx.eps = eps
 
 
-def _layer_norm_backward(ctx, dh):
+def _layer_norm_backward(ctx, dh, bwd=None):
     x, weight, bias, shift, scale = ctx.saved_tensors
-    grads = iter(torch.ops.ditperf.layer_norm_bwd(dh, x, weight, bias, shift, scale, ctx.eps))
+    bwd = bwd or torch.ops.ditperf.layer_norm_bwd
+    grads = iter(bwd(dh, x, weight, bias, shift, scale, ctx.eps))
     dx = next(grads)
     rest = [next(grads) if t is not None else None for t in (weight, bias, shift, scale)]
     return (dx, *rest, None)
@@ -819,16 +830,39 @@ def _layer_norm_backward(ctx, dh):
 _layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
 
 
+class _LayerNormFn(torch.autograd.Function):
+    """The eager fast path (see ``_common.eager_fast_path``): same launchers, no dispatcher."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, shift, scale, eps):
+        out = _layer_norm_impl(x, weight, bias, shift, scale, eps)
+        _layer_norm_setup(ctx, (x, weight, bias, shift, scale, eps), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dh):
+        return _layer_norm_backward(ctx, dh, _layer_norm_bwd_impl)
+
+
 # rms_norm -----------------------------------------------------------------------------
+
+
+def _rms_norm_impl(x: torch.Tensor, weight: torch.Tensor | None, shift: torch.Tensor | None,
+                   scale: torch.Tensor | None, eps: float) -> torch.Tensor:
+    _check_args("rms_norm", x, params=(("weight", weight),),
+                per_sample=(("shift", shift), ("scale", scale)))
+    _check_device(x, ("weight", weight), ("shift", shift), ("scale", scale))
+    return _norm_fwd(x, None, None, weight, None, shift, scale, eps, is_rms=True)[0]
+
+
+def _rms_norm_bwd_impl(dh, x, weight, shift, scale, eps):
+    return _norm_bwd(dh, x, None, None, None, weight, None, shift, scale, eps, is_rms=True)
 
 
 @torch.library.custom_op("ditperf::rms_norm", mutates_args=())
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor | None, shift: torch.Tensor | None,
                  scale: torch.Tensor | None, eps: float) -> torch.Tensor:
-    _check_args("rms_norm", x, params=(("weight", weight),),
-                per_sample=(("shift", shift), ("scale", scale)))
-    _check_device(x, ("weight", weight), ("shift", shift), ("scale", scale))
-    return _norm_fwd(x, None, None, weight, None, shift, scale, eps, is_rms=True)[0]
+    return _rms_norm_impl(x, weight, shift, scale, eps)
 
 
 @_rms_norm_op.register_fake
@@ -842,7 +876,7 @@ def _(x, weight, shift, scale, eps):
 def _rms_norm_bwd_op(dh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
                      shift: torch.Tensor | None, scale: torch.Tensor | None,
                      eps: float) -> list[torch.Tensor]:
-    return _norm_bwd(dh, x, None, None, None, weight, None, shift, scale, eps, is_rms=True)
+    return _rms_norm_bwd_impl(dh, x, weight, shift, scale, eps)
 
 
 @_rms_norm_bwd_op.register_fake
@@ -856,15 +890,30 @@ def _rms_norm_setup(ctx, inputs, output) -> None:
     ctx.eps = eps
 
 
-def _rms_norm_backward(ctx, dh):
+def _rms_norm_backward(ctx, dh, bwd=None):
     x, weight, shift, scale = ctx.saved_tensors
-    grads = iter(torch.ops.ditperf.rms_norm_bwd(dh, x, weight, shift, scale, ctx.eps))
+    bwd = bwd or torch.ops.ditperf.rms_norm_bwd
+    grads = iter(bwd(dh, x, weight, shift, scale, ctx.eps))
     dx = next(grads)
     rest = [next(grads) if t is not None else None for t in (weight, shift, scale)]
     return (dx, *rest, None)
 
 
 _rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """The eager fast path of ``rms_norm``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, shift, scale, eps):
+        out = _rms_norm_impl(x, weight, shift, scale, eps)
+        _rms_norm_setup(ctx, (x, weight, shift, scale, eps), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dh):
+        return _rms_norm_backward(ctx, dh, _rms_norm_bwd_impl)
 
 
 # gated_residual_layer_norm ------------------------------------------------------------
@@ -875,14 +924,24 @@ def _check_gated(x, y, gate, shift, scale) -> None:
                 per_sample=(("gate", gate), ("shift", shift), ("scale", scale)))
 
 
-@torch.library.custom_op("ditperf::gated_residual_layer_norm", mutates_args=())
-def _gated_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None,
-              shift: torch.Tensor | None, scale: torch.Tensor | None,
-              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _gated_impl(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None,
+                shift: torch.Tensor | None, scale: torch.Tensor | None,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     _check_gated(x, y, gate, shift, scale)
     _check_device(x, ("y", y), ("gate", gate), ("shift", shift), ("scale", scale))
     h, x_new = _norm_fwd(x, y, gate, None, None, shift, scale, eps, is_rms=False)
     return x_new, h
+
+
+def _gated_bwd_impl(dx_new, dh, x_new, y, gate, shift, scale, eps):
+    return _norm_bwd(dh, x_new, dx_new, y, gate, None, None, shift, scale, eps, is_rms=False)
+
+
+@torch.library.custom_op("ditperf::gated_residual_layer_norm", mutates_args=())
+def _gated_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None,
+              shift: torch.Tensor | None, scale: torch.Tensor | None,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gated_impl(x, y, gate, shift, scale, eps)
 
 
 @_gated_op.register_fake
@@ -895,7 +954,7 @@ def _(x, y, gate, shift, scale, eps):
 def _gated_bwd_op(dx_new: torch.Tensor | None, dh: torch.Tensor, x_new: torch.Tensor,
                   y: torch.Tensor, gate: torch.Tensor | None, shift: torch.Tensor | None,
                   scale: torch.Tensor | None, eps: float) -> list[torch.Tensor]:
-    return _norm_bwd(dh, x_new, dx_new, y, gate, None, None, shift, scale, eps, is_rms=False)
+    return _gated_bwd_impl(dx_new, dh, x_new, y, gate, shift, scale, eps)
 
 
 @_gated_bwd_op.register_fake
@@ -909,12 +968,12 @@ def _gated_setup(ctx, inputs, output) -> None:
     ctx.eps = eps
 
 
-def _gated_backward(ctx, dx_new, dh):
+def _gated_backward(ctx, dx_new, dh, bwd=None):
     x_new, y, gate, shift, scale = ctx.saved_tensors
     if dh is None:  # only x_new was used: h contributes nothing
         dh = torch.zeros_like(x_new)
-    grads = iter(torch.ops.ditperf.gated_residual_layer_norm_bwd(
-        dx_new, dh, x_new, y, gate, shift, scale, ctx.eps))
+    bwd = bwd or torch.ops.ditperf.gated_residual_layer_norm_bwd
+    grads = iter(bwd(dx_new, dh, x_new, y, gate, shift, scale, ctx.eps))
     dx = next(grads)
     dy = next(grads) if gate is not None else dx  # gate None: y enters with weight 1
     rest = [next(grads) if t is not None else None for t in (gate, shift, scale)]
@@ -922,6 +981,21 @@ def _gated_backward(ctx, dx_new, dh):
 
 
 _gated_op.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+class _GatedFn(torch.autograd.Function):
+    """The eager fast path of ``gated_residual_layer_norm``."""
+
+    @staticmethod
+    def forward(ctx, x, y, gate, shift, scale, eps):
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None (as above)
+        out = _gated_impl(x, y, gate, shift, scale, eps)
+        _gated_setup(ctx, (x, y, gate, shift, scale, eps), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dx_new, dh):
+        return _gated_backward(ctx, dx_new, dh, _gated_bwd_impl)
 
 
 # --------------------------------------------------------------------------------------
@@ -946,6 +1020,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
     (Triton backward); a ``ditperf::layer_norm`` custom op.
     """
     _check_types("layer_norm", x=x, weight=weight, bias=bias, shift=shift, scale=scale)
+    if eager_fast_path(x, weight, bias, shift, scale):
+        return _LayerNormFn.apply(x, weight, bias, shift, scale, _check_eps(eps))
     return torch.ops.ditperf.layer_norm(x, weight, bias, shift, scale, _check_eps(eps))
 
 
@@ -957,6 +1033,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, *, shift: torc
     (D,)); shift/scale (B, C) need x (B, N, C). A ``ditperf::rms_norm`` custom op.
     """
     _check_types("rms_norm", x=x, weight=weight, shift=shift, scale=scale)
+    if eager_fast_path(x, weight, shift, scale):
+        return _RMSNormFn.apply(x, weight, shift, scale, _check_eps(eps))
     return torch.ops.ditperf.rms_norm(x, weight, shift, scale, _check_eps(eps))
 
 
@@ -972,6 +1050,8 @@ def gated_residual_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tens
     _check_types("gated_residual_layer_norm", x=x, y=y, gate=gate, shift=shift, scale=scale)
     if y is None:
         raise TypeError("gated_residual_layer_norm: y must be a torch.Tensor (the branch output)")
+    if eager_fast_path(x, y, gate, shift, scale):
+        return _GatedFn.apply(x, y, gate, shift, scale, _check_eps(eps))
     return torch.ops.ditperf.gated_residual_layer_norm(x, y, gate, shift, scale, _check_eps(eps))
 
 

@@ -627,3 +627,46 @@ class TestGPU:
         torch.testing.assert_close(got, eager, rtol=1e-3, atol=1e-2)
         for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(eager, leaves)):
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+# ----------------------------------------------------------------------------------------
+# Eager fast path (autograd.Function) vs the torch.library custom ops
+# ----------------------------------------------------------------------------------------
+
+
+def _outs_and_grads(fn: Callable, leaves: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    ins = [None if t is None else t.detach().clone().requires_grad_() for t in leaves]
+    outs = fn(*ins)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    probes = [torch.randn_like(o) for o in outs]
+    sum(((o.float() * p.float()).sum() for o, p in zip(outs, probes)), torch.zeros(())).backward()
+    return [type(outs[0].grad_fn).__name__, *(o.detach() for o in outs), *(t.grad for t in ins if t is not None)]
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "gated", "gated-x_new-only"])
+def test_fast_path_equals_custom_op(op, device, monkeypatch):
+    """Plain eager calls skip the dispatcher (kernels._common.eager_fast_path); with
+    DITPERF_EAGER_FASTPATH=0 they go through the custom ops. Same kernels: bit-identical
+    outputs and gradients, also when only x_new of the gated op is used (h's grad is None)."""
+    B, N, C = 2, 5, 40
+    if op == "layer_norm":
+        leaves, fn = _ln_leaves(C, B, N, F32, "weight,bias,shift,scale", device), _ln(layer_norm)
+    elif op == "rms_norm":
+        leaves = [rand((B, N, C), BF16, device), rand((C,), F32, device, mean=1.0),
+                  rand((B, C), F32, device), rand((B, C), F32, device)]
+        fn = lambda x, w, sh, sc: rms_norm(x, w, shift=sh, scale=sc)
+    else:
+        leaves, fn = _gated_leaves(C, B, N, BF16, "gate,shift,scale", device), _gated(gated_residual_layer_norm)
+        if op == "gated-x_new-only":
+            inner = fn
+            fn = lambda *a: inner(*a)[0]
+    torch.manual_seed(0)
+    fast = _outs_and_grads(fn, leaves)
+    monkeypatch.setenv("DITPERF_EAGER_FASTPATH", "0")
+    torch.manual_seed(0)
+    slow = _outs_and_grads(fn, leaves)
+    (fast_fn, *fast), (slow_fn, *slow) = fast, slow
+    assert fast_fn.startswith("_") and "Fn" in fast_fn and "Fn" not in slow_fn, (fast_fn, slow_fn)
+    assert len(fast) == len(slow)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
