@@ -101,7 +101,8 @@ def make_cases(tokens: int, C: int, samples: int | None, dtype: torch.dtype, dev
     M, e = B * N, torch.finfo(dtype).bits // 8
 
     def r(*shape: int, std: float = 1.0, mean: float = 0.0) -> torch.Tensor:
-        return (torch.randn(*shape, device=device) * std + mean).to(dtype).requires_grad_()
+        # CPU RNG, then moved: a failed CUDA-graph capture leaves the CUDA generator unusable
+        return (torch.randn(*shape) * std + mean).to(device=device, dtype=dtype).requires_grad_()
 
     cases = []
     if "ln_mod" in which:
@@ -152,7 +153,7 @@ def check_case(case: Case) -> tuple[bool, float, float]:
 def _timers(fn: Callable[..., object], leaves: list[torch.Tensor]) -> dict[str, Callable[[], object]]:
     """fwd (no autograd), bwd (grad on a retained graph, no grad accumulation), fwd+bwd."""
     outs = _outs(fn(*leaves))
-    douts = [torch.randn_like(o) for o in outs]
+    douts = [torch.randn(o.shape).to(device=o.device, dtype=o.dtype) for o in outs]  # CPU RNG (see make_cases)
 
     def fwd() -> object:
         with torch.no_grad():
@@ -269,6 +270,7 @@ def sweep_bwd(budget_s: float = 90.0) -> list[Row]:
     start = time.perf_counter()
     rows: list[Row] = []
     tokens, C = QUICK_SHAPES[0]
+    use_graph = True
     for case in make_cases(tokens, C, None, dtype, device, ("ln_mod", "gated", "qk_rms")):
         D = C // QK_HEADS if case.name == "qk_rms" else C
         specs = SWEEP_BWD.get(next_power_of_2(D), [])
@@ -277,7 +279,7 @@ def sweep_bwd(budget_s: float = 90.0) -> list[Row]:
             if time.perf_counter() - start > budget_s:
                 break
             extra: dict[str, object] = {"mode": "fwd+bwd", "bytes": nbytes, "dtype": "bfloat16", "config": spec,
-                                        "timing": "cuda graph"}
+                                        "timing": "cuda graph" if use_graph else "eager"}
             ms = None
             try:
                 if spec is not None:
@@ -287,9 +289,11 @@ def sweep_bwd(budget_s: float = 90.0) -> list[Row]:
                 # CUDA-graph replay of fwd+bwd (forward and backward both inside the capture;
                 # a bwd-only capture fails, see run()): GPU time without the Python / dispatch
                 # overhead that bounded the eager timings of these ~0.1-0.4 ms kernels
-                ms = time_ms(timers["fwd+bwd"], rep_ms=25, graph=device.type == "cuda")
+                ms = time_ms(timers["fwd+bwd"], rep_ms=25, graph=device.type == "cuda" and use_graph)
             except Exception as exc:  # noqa: BLE001 - a config that fails is a result too
                 extra["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                if "capture" in str(exc).lower():  # graphs unusable here: time eagerly from now on
+                    use_graph = False
             finally:
                 os.environ.pop("DITPERF_NORM_BWD_CONFIGS", None)
                 norms_mod._bwd_kernel.cache_clear()
