@@ -491,6 +491,10 @@ def main() -> int:
                        "results": res.get("results"), **{k: v for k, v in res.items()
                                                           if k in ("losses", "grad_rel_diff", "trace")}})
     env_lines, good, conclusion = decide(report)
+    split_min = os.environ.get("DITPERF_ATTN_SPLIT_MIN", "16")
+    conclusion = f"{conclusion} [split = a power of two + a tile of >= {split_min} columns]"
+    if split_min != "16" and "DITPERF_ATTN_SPLIT_D" not in env_lines and env_lines:
+        env_lines["DITPERF_ATTN_SPLIT_MIN"] = split_min  # the split that passed needs it too
     _print_table(report)
     full: dict = {"ok": None, "note": "not run (use --model-full)"}
     if args.model_full:  # the fully fused model step with only the passing configs

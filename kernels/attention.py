@@ -149,6 +149,14 @@ def split_known_bad() -> str:
 
 SPLIT_HEAD_DIM: bool = _split_default()
 
+#: Narrowest second head-dim tile of the split path (16, the tl.dot minimum, or 32: D=72 ->
+#: 64+32 = 96 columns instead of 64+16 = 80). The 16-column tiles are the ones that faulted on
+#: triton 3.6 / sm_90; ``DITPERF_ATTN_SPLIT_MIN=32`` lets bench/diag_attention.py test whether
+#: 32-column ones are safe there (still 1.33x less matmul work than the padded 128 at D=72).
+SPLIT_MIN: int = int(os.environ.get("DITPERF_ATTN_SPLIT_MIN", "16"))
+if SPLIT_MIN not in (16, 32, 64):
+    raise ValueError(f"DITPERF_ATTN_SPLIT_MIN must be 16, 32 or 64, got {SPLIT_MIN}")
+
 #: GPU autotuning: "curated" (default: a few Hopper configs per kernel, timed once per
 #: tuning key), "full" (BLOCK_M/N in {64, 128} x num_stages 2-4 x num_warps 4/8, pruned by
 #: shared memory and registers), or "off" (no timing: the first curated config that fits;
@@ -747,19 +755,19 @@ def autotune_report() -> dict[str, dict[str, str]]:
 def head_dim_tiles(d: int, split: bool | None = None) -> tuple[int, int]:
     """(BLOCK_D0, BLOCK_D1) covering head dim ``d``; BLOCK_D1 == 0 means one padded tile.
 
-    Split into a power of two plus a smaller power of two (>= 16, the tl.dot minimum) only
-    when that covers fewer columns than ``next_power_of_2(d)``.
+    Split into a power of two plus a smaller power of two (>= :data:`SPLIT_MIN`, 16 = the
+    tl.dot minimum by default) only when that covers fewer columns than ``next_power_of_2(d)``.
     """
     split = SPLIT_HEAD_DIM if split is None else split
-    if split and not INTERPRET and split_known_bad():
-        warnings.warn(f"ditperf attention: split head dim requested: {split_known_bad()}", RuntimeWarning,
-                      stacklevel=2)
     padded = max(16, next_power_of_2(d))
     if split:
         d0 = 1 << (d.bit_length() - 1)
         if 16 <= d0 < d:
-            d1 = max(16, next_power_of_2(d - d0))
+            d1 = max(SPLIT_MIN, next_power_of_2(d - d0))
             if d0 + d1 < padded:
+                if d1 == 16 and not INTERPRET and split_known_bad():
+                    warnings.warn(f"ditperf attention: split head dim requested: {split_known_bad()}",
+                                  RuntimeWarning, stacklevel=2)
                 return d0, d1
     return padded, 0
 

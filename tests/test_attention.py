@@ -99,9 +99,14 @@ def test_matches_reference_and_sdpa(shape, dtype, mask_p, device):
     _check(shape, dtype, device, mask_p)
 
 
-@pytest.mark.parametrize("split", [True, False], ids=["split-64+16", "padded-128"])
-def test_head_dim_72_split_and_padded(split, device, monkeypatch):
+@pytest.mark.parametrize("split,split_min", [(True, 16), (True, 32), (False, 16)],
+                         ids=["split-64+16", "split-64+32", "padded-128"])
+def test_head_dim_72_split_and_padded(split, split_min, device, monkeypatch):
+    if device.type == "cuda" and split and split_min == 16 and attn_mod.split_known_bad():
+        pytest.skip(attn_mod.split_known_bad())
     monkeypatch.setattr(attn_mod, "SPLIT_HEAD_DIM", split)
+    monkeypatch.setattr(attn_mod, "SPLIT_MIN", split_min)
+    assert attn_mod._head_meta(72)["BLOCK_D1"] == (split_min if split else 16)
     _check((1, 1, 70, 140, 72), torch.float32, device, mask_p=0.2)
 
 
@@ -118,6 +123,16 @@ def test_head_dim_tiles():
     for d, (d0, d1) in tiles.items():
         assert d0 + d1 >= d and d0 + d1 <= max(16, 1 << (d - 1).bit_length())
     assert attn_mod.head_dim_tiles(72, split=False) == (128, 0)
+
+
+def test_head_dim_tiles_split_min_32(monkeypatch):
+    """DITPERF_ATTN_SPLIT_MIN=32: no 16-column tile (D=72 -> 64+32, D=40 -> 32+16 is now
+    padded 64: 32+32 covers no fewer columns)."""
+    monkeypatch.setattr(attn_mod, "SPLIT_MIN", 32)
+    assert attn_mod.head_dim_tiles(72, split=True) == (64, 32)
+    assert attn_mod.head_dim_tiles(40, split=True) == (64, 0)
+    assert attn_mod.head_dim_tiles(112, split=True) == (128, 0)  # 64+64 = 128: no saving
+    assert attn_mod.head_dim_tiles(80, split=True) == (64, 32)
 
 
 def test_gpu_config_choice_fp32_vs_bf16(monkeypatch):
