@@ -194,8 +194,12 @@ def _load_tile(base, offs_r, stride_r, offs_c, r_lim, c_lim,
     ``stride_r`` and ``c_lim`` are multiples of ALIGN (see _align): written so that Triton's
     alignment analysis sees it and loads 16-byte vectors (D = 72: stride 72 is not a multiple
     of 16, the only divisibility Triton specializes integer arguments on)."""
-    ptrs = base + offs_r[:, None] * (stride_r // ALIGN * ALIGN) + offs_c[None, :]
-    cmask = (offs_c[None, :] // ALIGN) < (c_lim // ALIGN)
+    if ALIGN > 1:  # no helper call: each costs time under the interpreter (where ALIGN = 1)
+        stride_r = stride_r // ALIGN * ALIGN
+        cmask = (offs_c[None, :] // ALIGN) < (c_lim // ALIGN)
+    else:
+        cmask = offs_c[None, :] < c_lim
+    ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :]
     if MASK_R:
         if MASK_C:
             x = tl.load(ptrs, mask=(offs_r[:, None] < r_lim) & cmask, other=0.0)
@@ -216,10 +220,15 @@ def _store_tile(base, x, offs_r, stride_r, offs_c, r_lim, c_lim, MASK_C: tl.cons
                 ALIGN: tl.constexpr):
     """Store rows < r_lim (always masked: once per program) and, if asked, columns < c_lim
     (alignment as in _load_tile)."""
-    ptrs = base + offs_r[:, None] * (stride_r // ALIGN * ALIGN) + offs_c[None, :]
+    if ALIGN > 1:
+        stride_r = stride_r // ALIGN * ALIGN
+        cmask = (offs_c[None, :] // ALIGN) < (c_lim // ALIGN)
+    else:
+        cmask = offs_c[None, :] < c_lim
+    ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :]
     x = x.to(base.dtype.element_ty)
     if MASK_C:
-        tl.store(ptrs, x, mask=(offs_r[:, None] < r_lim) & ((offs_c[None, :] // ALIGN) < (c_lim // ALIGN)))
+        tl.store(ptrs, x, mask=(offs_r[:, None] < r_lim) & cmask)
     else:
         tl.store(ptrs, x, mask=offs_r[:, None] < r_lim)
 
@@ -295,10 +304,19 @@ def _fwd_kernel_body(
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    q_base = Q + off_b * (stride_qb // ALIGN * ALIGN) + off_h * (stride_qh // ALIGN * ALIGN)
-    k_base = K + off_b * (stride_kb // ALIGN * ALIGN) + off_h * (stride_kh // ALIGN * ALIGN)
-    v_base = V + off_b * (stride_vb // ALIGN * ALIGN) + off_h * (stride_vh // ALIGN * ALIGN)
-    o_base = Out + off_b * (stride_ob // ALIGN * ALIGN) + off_h * (stride_oh // ALIGN * ALIGN)
+    if ALIGN > 1:  # declare the strides multiples of ALIGN (16-byte vector loads, see _align)
+        stride_qb = stride_qb // ALIGN * ALIGN
+        stride_qh = stride_qh // ALIGN * ALIGN
+        stride_kb = stride_kb // ALIGN * ALIGN
+        stride_kh = stride_kh // ALIGN * ALIGN
+        stride_vb = stride_vb // ALIGN * ALIGN
+        stride_vh = stride_vh // ALIGN * ALIGN
+        stride_ob = stride_ob // ALIGN * ALIGN
+        stride_oh = stride_oh // ALIGN * ALIGN
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    o_base = Out + off_b * stride_ob + off_h * stride_oh
     km_base = KM + off_b * stride_mb
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -407,12 +425,25 @@ def _bwd_dq_kernel_body(
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    q_base = Q + off_b * (stride_qb // ALIGN * ALIGN) + off_h * (stride_qh // ALIGN * ALIGN)
-    k_base = K + off_b * (stride_kb // ALIGN * ALIGN) + off_h * (stride_kh // ALIGN * ALIGN)
-    v_base = V + off_b * (stride_vb // ALIGN * ALIGN) + off_h * (stride_vh // ALIGN * ALIGN)
-    o_base = Out + off_b * (stride_ob // ALIGN * ALIGN) + off_h * (stride_oh // ALIGN * ALIGN)
-    do_base = DO + off_b * (stride_dob // ALIGN * ALIGN) + off_h * (stride_doh // ALIGN * ALIGN)
-    dq_base = DQ + off_b * (stride_dqb // ALIGN * ALIGN) + off_h * (stride_dqh // ALIGN * ALIGN)
+    if ALIGN > 1:  # declare the strides multiples of ALIGN (16-byte vector loads, see _align)
+        stride_qb = stride_qb // ALIGN * ALIGN
+        stride_qh = stride_qh // ALIGN * ALIGN
+        stride_kb = stride_kb // ALIGN * ALIGN
+        stride_kh = stride_kh // ALIGN * ALIGN
+        stride_vb = stride_vb // ALIGN * ALIGN
+        stride_vh = stride_vh // ALIGN * ALIGN
+        stride_ob = stride_ob // ALIGN * ALIGN
+        stride_oh = stride_oh // ALIGN * ALIGN
+        stride_dob = stride_dob // ALIGN * ALIGN
+        stride_doh = stride_doh // ALIGN * ALIGN
+        stride_dqb = stride_dqb // ALIGN * ALIGN
+        stride_dqh = stride_dqh // ALIGN * ALIGN
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    o_base = Out + off_b * stride_ob + off_h * stride_oh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
     km_base = KM + off_b * stride_mb
     row_base = (off_b * H + off_h) * N_Q  # lse, dlse, delta: contiguous (B, H, Nq)
 
@@ -510,12 +541,25 @@ def _bwd_dkdv_kernel_body(
     pid_n = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    q_base = Q + off_b * (stride_qb // ALIGN * ALIGN) + off_h * (stride_qh // ALIGN * ALIGN)
-    k_base = K + off_b * (stride_kb // ALIGN * ALIGN) + off_h * (stride_kh // ALIGN * ALIGN)
-    v_base = V + off_b * (stride_vb // ALIGN * ALIGN) + off_h * (stride_vh // ALIGN * ALIGN)
-    do_base = DO + off_b * (stride_dob // ALIGN * ALIGN) + off_h * (stride_doh // ALIGN * ALIGN)
-    dk_base = DK + off_b * (stride_dkb // ALIGN * ALIGN) + off_h * (stride_dkh // ALIGN * ALIGN)
-    dv_base = DV + off_b * (stride_dvb // ALIGN * ALIGN) + off_h * (stride_dvh // ALIGN * ALIGN)
+    if ALIGN > 1:  # declare the strides multiples of ALIGN (16-byte vector loads, see _align)
+        stride_qb = stride_qb // ALIGN * ALIGN
+        stride_qh = stride_qh // ALIGN * ALIGN
+        stride_kb = stride_kb // ALIGN * ALIGN
+        stride_kh = stride_kh // ALIGN * ALIGN
+        stride_vb = stride_vb // ALIGN * ALIGN
+        stride_vh = stride_vh // ALIGN * ALIGN
+        stride_dob = stride_dob // ALIGN * ALIGN
+        stride_doh = stride_doh // ALIGN * ALIGN
+        stride_dkb = stride_dkb // ALIGN * ALIGN
+        stride_dkh = stride_dkh // ALIGN * ALIGN
+        stride_dvb = stride_dvb // ALIGN * ALIGN
+        stride_dvh = stride_dvh // ALIGN * ALIGN
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    dk_base = DK + off_b * stride_dkb + off_h * stride_dkh
+    dv_base = DV + off_b * stride_dvb + off_h * stride_dvh
     row_base = (off_b * H + off_h) * N_Q
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -784,6 +828,12 @@ def _head_meta(d: int) -> dict[str, Any]:
 
 
 def _align(d: int, *tensors: torch.Tensor) -> int:
+    """ALIGN for a launch: 1 under the interpreter (nothing to vectorize), else
+    :func:`_align_of`."""
+    return 1 if INTERPRET else _align_of(d, *tensors)
+
+
+def _align_of(d: int, *tensors: torch.Tensor) -> int:
     """Largest power of two dividing D and every batch/head/row stride of ``tensors``, capped
     at 16 bytes of elements: the kernels declare those strides and D multiples of it, which
     lets Triton use 16-byte vector loads where it cannot see it (a stride of 72)."""

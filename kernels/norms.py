@@ -165,14 +165,19 @@ def _offs(i0, i1, i2, s0, s1, s2, LEVELS: tl.constexpr, ALIGN: tl.constexpr):
 
     The strides are multiples of ALIGN (see the launchers' _align); ``s // ALIGN * ALIGN``
     says so to Triton's alignment analysis (``tl.multiple_of`` on the [ROWS, 1] offsets did
-    not reach the loads in triton 3.3/3.6), so that rows load as 16-byte vectors.
+    not reach the loads in triton 3.3/3.6), so that rows load as 16-byte vectors. ALIGN = 1
+    under the interpreter (no helper calls either: each costs time there).
     """
+    if ALIGN > 1:
+        s0 = s0 // ALIGN * ALIGN
+        s1 = s1 // ALIGN * ALIGN
+        s2 = s2 // ALIGN * ALIGN
     if LEVELS == 1:
-        off = i2 * (s2 // ALIGN * ALIGN)
+        off = i2 * s2
     elif LEVELS == 2:
-        off = i1 * (s1 // ALIGN * ALIGN) + i2 * (s2 // ALIGN * ALIGN)
+        off = i1 * s1 + i2 * s2
     else:
-        off = i0 * (s0 // ALIGN * ALIGN) + i1 * (s1 // ALIGN * ALIGN) + i2 * (s2 // ALIGN * ALIGN)
+        off = i0 * s0 + i1 * s1 + i2 * s2
     return off
 
 
@@ -207,8 +212,10 @@ def _norm_fwd_kernel(
     rmask = local < G
     i0, i1, i2 = _row_index(q * G + local, R1, R2, LEVELS)
     cols = tl.arange(0, BLOCK_C)
-    # == cols < C (C % ALIGN == 0), written so Triton sees runs of ALIGN equal mask bits
-    cmask = (cols // ALIGN) < (C // ALIGN)
+    if ALIGN > 1:  # == cols < C (C % ALIGN == 0), so that Triton sees runs of ALIGN equal bits
+        cmask = (cols // ALIGN) < (C // ALIGN)
+    else:
+        cmask = cols < C
     mask = rmask[:, None] & cmask[None, :]
     c2 = cols[None, :]
 
@@ -240,6 +247,23 @@ def _norm_fwd_kernel(
         h = h + sh[None, :]
     tl.store(OUT + _offs(i0, i1, i2, so0, so1, so2, LEVELS, ALIGN) + c2, h.to(OUT.dtype.element_ty),
              mask=mask)
+
+
+@triton.jit
+def _bwd_loads(X, DH, DXN, Y, i0, i1, i2, c2, mask, sx0, sx1, sx2, sd0, sd1, sd2, se0, se1, se2,
+               sy0, sy1, sy2, LEVELS: tl.constexpr, ALIGN: tl.constexpr, HAS_DXN: tl.constexpr,
+               HAS_GATE: tl.constexpr):
+    """One row tile of the backward's inputs, raw dtype: (x, dh, dx_new, y); an absent
+    dx_new / y is returned as x (unused; no load)."""
+    x = tl.load(X + _offs(i0, i1, i2, sx0, sx1, sx2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
+    dh = tl.load(DH + _offs(i0, i1, i2, sd0, sd1, sd2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
+    e = x
+    y = x
+    if HAS_DXN:
+        e = tl.load(DXN + _offs(i0, i1, i2, se0, se1, se2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
+    if HAS_GATE:
+        y = tl.load(Y + _offs(i0, i1, i2, sy0, sy1, sy2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
+    return x, dh, e, y
 
 
 @triton.jit
@@ -283,8 +307,10 @@ def _norm_bwd_kernel(
     row_lo = q * G + p * rows_per_prog
     row_hi = q * G + tl.minimum(p * rows_per_prog + rows_per_prog, G)
     cols = tl.arange(0, BLOCK_C)
-    # == cols < C (C % ALIGN == 0), written so Triton sees runs of ALIGN equal mask bits
-    cmask = (cols // ALIGN) < (C // ALIGN)
+    if ALIGN > 1:  # == cols < C (C % ALIGN == 0), so that Triton sees runs of ALIGN equal bits
+        cmask = (cols // ALIGN) < (C // ALIGN)
+    else:
+        cmask = cols < C
     c2 = cols[None, :]
 
     if HAS_WEIGHT:
@@ -303,42 +329,42 @@ def _norm_bwd_kernel(
     acc_scale = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
     acc_gate = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
 
-    # The first tile's loads (raw dtype: converting would wait for them).
-    rows = row_lo + tl.arange(0, ROWS)
-    i0, i1, i2 = _row_index(rows, R1, R2, LEVELS)
-    mask = (rows < row_hi)[:, None] & cmask[None, :]
-    x_raw = tl.load(X + _offs(i0, i1, i2, sx0, sx1, sx2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
-    dh_raw = tl.load(DH + _offs(i0, i1, i2, sd0, sd1, sd2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
-    e_raw = x_raw  # dx_new and y tiles (placeholders when absent)
-    y_raw = x_raw
-    if HAS_DXN:
-        e_raw = tl.load(DXN + _offs(i0, i1, i2, se0, se1, se2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
-    if HAS_GATE:
-        y_raw = tl.load(Y + _offs(i0, i1, i2, sy0, sy1, sy2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
+    if PREFETCH:  # the first tile's loads (raw dtype: converting would wait for them)
+        rows = row_lo + tl.arange(0, ROWS)
+        i0, i1, i2 = _row_index(rows, R1, R2, LEVELS)
+        mask = (rows < row_hi)[:, None] & cmask[None, :]
+        x_raw, dh_raw, e_raw, y_raw = _bwd_loads(
+            X, DH, DXN, Y, i0, i1, i2, c2, mask, sx0, sx1, sx2, sd0, sd1, sd2, se0, se1, se2,
+            sy0, sy1, sy2, LEVELS, ALIGN, HAS_DXN, HAS_GATE)
 
     # Under the interpreter the trip count is the constexpr STATIC_ITERS: it turns every
     # assigned value into an array, and numpy >= 2.4 refuses arrays as range() bounds.
     for it in range(STATIC_ITERS if STATIC_ITERS > 0 else tl.cdiv(rows_per_prog, ROWS)):
-        x = x_raw.to(tl.float32)
-        dh = dh_raw.to(tl.float32)
-        dxn = e_raw.to(tl.float32)
-        y = y_raw.to(tl.float32)
-        rmask = rows < row_hi
-        # this tile's row offsets (for the stores) and the next tile's
-        j0, j1, j2 = i0, i1, i2
-        cur_mask = mask
-        rows += ROWS
-        i0, i1, i2 = _row_index(rows, R1, R2, LEVELS)
-        mask = (rows < row_hi)[:, None] & cmask[None, :]
-        if PREFETCH:
-            x_raw = tl.load(X + _offs(i0, i1, i2, sx0, sx1, sx2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
-            dh_raw = tl.load(DH + _offs(i0, i1, i2, sd0, sd1, sd2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
-            if HAS_DXN:
-                e_raw = tl.load(DXN + _offs(i0, i1, i2, se0, se1, se2, LEVELS, ALIGN) + c2, mask=mask,
-                                other=0.0)
-            if HAS_GATE:
-                y_raw = tl.load(Y + _offs(i0, i1, i2, sy0, sy1, sy2, LEVELS, ALIGN) + c2, mask=mask,
-                                other=0.0)
+        if PREFETCH:  # this tile was loaded last iteration; issue the next tile's loads now
+            rmask = rows < row_hi
+            j0, j1, j2 = i0, i1, i2
+            cur_mask = mask
+            x, dh, dxn, y = x_raw, dh_raw, e_raw, y_raw
+            rows += ROWS
+            i0, i1, i2 = _row_index(rows, R1, R2, LEVELS)
+            mask = (rows < row_hi)[:, None] & cmask[None, :]
+            x_raw, dh_raw, e_raw, y_raw = _bwd_loads(
+                X, DH, DXN, Y, i0, i1, i2, c2, mask, sx0, sx1, sx2, sd0, sd1, sd2, se0, se1, se2,
+                sy0, sy1, sy2, LEVELS, ALIGN, HAS_DXN, HAS_GATE)
+        else:  # load this tile, then work on it
+            cur_rows = row_lo + it * ROWS + tl.arange(0, ROWS)
+            rmask = cur_rows < row_hi
+            j0, j1, j2 = _row_index(cur_rows, R1, R2, LEVELS)
+            cur_mask = rmask[:, None] & cmask[None, :]
+            x, dh, dxn, y = _bwd_loads(
+                X, DH, DXN, Y, j0, j1, j2, c2, cur_mask, sx0, sx1, sx2, sd0, sd1, sd2, se0, se1, se2,
+                sy0, sy1, sy2, LEVELS, ALIGN, HAS_DXN, HAS_GATE)
+        x = x.to(tl.float32)
+        dh = dh.to(tl.float32)
+        if HAS_DXN:
+            dxn = dxn.to(tl.float32)
+        if HAS_GATE:
+            y = y.to(tl.float32)
 
         xhat, rstd = _normalize_rows(x, cur_mask, rmask, C, eps, IS_RMS)
         if HAS_SHIFT:
@@ -371,15 +397,6 @@ def _norm_bwd_kernel(
                          (dx * g8[None, :]).to(DY.dtype.element_ty), mask=cur_mask)
         tl.store(DX + _offs(j0, j1, j2, sdx0, sdx1, sdx2, LEVELS, ALIGN) + c2, dx.to(DX.dtype.element_ty),
                  mask=cur_mask)
-        if not PREFETCH:  # the next tile's loads only now, after this tile's work
-            x_raw = tl.load(X + _offs(i0, i1, i2, sx0, sx1, sx2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
-            dh_raw = tl.load(DH + _offs(i0, i1, i2, sd0, sd1, sd2, LEVELS, ALIGN) + c2, mask=mask, other=0.0)
-            if HAS_DXN:
-                e_raw = tl.load(DXN + _offs(i0, i1, i2, se0, se1, se2, LEVELS, ALIGN) + c2, mask=mask,
-                                other=0.0)
-            if HAS_GATE:
-                y_raw = tl.load(Y + _offs(i0, i1, i2, sy0, sy1, sy2, LEVELS, ALIGN) + c2, mask=mask,
-                                other=0.0)
 
     part = pid.to(tl.int64) * C + cols
     if HAS_WEIGHT:
@@ -487,7 +504,9 @@ def _bwd_configs(block_c: int) -> list[triton.Config]:
 
 
 def _interp_bwd_config(block_c: int) -> dict[str, int | bool]:
-    return {"ROWS": _interp_rows(block_c), "PROGS": _INTERP_PROGS, "PREFETCH": True}
+    # no prefetch: under the interpreter a program usually has one tile, and the prefetch
+    # would load a second (masked) one for nothing
+    return {"ROWS": _interp_rows(block_c), "PROGS": _INTERP_PROGS, "PREFETCH": False}
 
 
 @functools.cache
@@ -541,13 +560,19 @@ def _row_layout(tensors: list[torch.Tensor]
     return sizes, per_tensor  # type: ignore[return-value]
 
 
-def _align(C: int, strides: list[tuple[int, int, int]]) -> int:
+def _align_of(C: int, strides: list[tuple[int, int, int]]) -> int:
     """Largest power of two (<= 16) dividing C and every row stride: the kernels declare row
     offsets and C multiples of it. Without the hint Triton assumes nothing for a C or stride
     that is not a multiple of 16 (it specializes integers on % 16 only) and falls back to
     2-byte loads: QK-norm rows of D = 72 (stride 72 or 3*H*72) are multiples of 8."""
     g = math.gcd(C, *[s for st in strides for s in st])
     return min(16, g & -g) if g else 16
+
+
+def _align(C: int, strides: list[tuple[int, int, int]]) -> int:
+    """ALIGN for a launch: 1 under the interpreter (no vector loads to enable; the index
+    arithmetic would only cost time), else :func:`_align_of`."""
+    return 1 if INTERPRET else _align_of(C, strides)
 
 
 def _levels(sizes: tuple[int, int, int]) -> int:

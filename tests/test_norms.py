@@ -360,9 +360,9 @@ def test_backward_row_loop(op, prefetch, device, monkeypatch):
     regime; the interpreter otherwise gives each program a single tile), with the next
     tile's loads issued before (PREFETCH) or after each tile's work."""
     monkeypatch.setattr(norms_mod, "num_sms", lambda _device: 0)  # -> 1 program per group
-    if not prefetch and _common.INTERPRET:
+    if _common.INTERPRET:  # the interpreter's own config has no prefetch: set it both ways
         base = norms_mod._interp_bwd_config
-        monkeypatch.setattr(norms_mod, "_interp_bwd_config", lambda bc: {**base(bc), "PREFETCH": False})
+        monkeypatch.setattr(norms_mod, "_interp_bwd_config", lambda bc: {**base(bc), "PREFETCH": prefetch})
         norms_mod._bwd_kernel.cache_clear()
         request_cleanup = norms_mod._bwd_kernel.cache_clear
     else:
@@ -670,3 +670,17 @@ def test_fast_path_equals_custom_op(op, device, monkeypatch):
     assert len(fast) == len(slow)
     for a, b in zip(fast, slow):
         assert torch.equal(a, b)
+
+
+def test_alignment_hint_path(device, monkeypatch):
+    """The GPU launches pass ALIGN > 1 (strides and C declared multiples of it, for 16-byte
+    loads); the interpreter gets ALIGN = 1. Run the ALIGN > 1 index arithmetic here too: QK-norm
+    of q sliced from a fused qkv (D = 72: ALIGN 8) and a modulated LayerNorm (C = 40)."""
+    monkeypatch.setattr(norms_mod, "_align", norms_mod._align_of)
+    B, N, H, D = 2, 7, 3, 72
+    leaves = _qkv_q(B, N, H, D, BF16, device)
+    assert norms_mod._align_of(D, [_q_of(leaves[0], H).stride()[:3]]) == 8
+    check_against_refs(lambda qkv, w: rms_norm(_q_of(qkv, H), w),
+                       lambda qkv, w: rms_norm_ref(_q_of(qkv, H), w), leaves, ["qkv", "weight"])
+    leaves = _ln_leaves(40, 2, 9, F32, "shift,scale", device)
+    check_against_refs(_ln(layer_norm), _ln(layer_norm_ref), leaves, LN_NAMES)
