@@ -194,12 +194,15 @@ def _load_tile(base, offs_r, stride_r, offs_c, r_lim, c_lim,
     ``stride_r`` and ``c_lim`` are multiples of ALIGN (see _align): written so that Triton's
     alignment analysis sees it and loads 16-byte vectors (D = 72: stride 72 is not a multiple
     of 16, the only divisibility Triton specializes integer arguments on)."""
-    if ALIGN > 1:  # no helper call: each costs time under the interpreter (where ALIGN = 1)
+    # No helper calls and no unused ops here: each costs time under the interpreter (ALIGN = 1).
+    if ALIGN > 1:
         stride_r = stride_r // ALIGN * ALIGN
-        cmask = (offs_c[None, :] // ALIGN) < (c_lim // ALIGN)
-    else:
-        cmask = offs_c[None, :] < c_lim
     ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :]
+    if MASK_C:
+        if ALIGN > 1:
+            cmask = (offs_c[None, :] // ALIGN) < (c_lim // ALIGN)
+        else:
+            cmask = offs_c[None, :] < c_lim
     if MASK_R:
         if MASK_C:
             x = tl.load(ptrs, mask=(offs_r[:, None] < r_lim) & cmask, other=0.0)
@@ -222,12 +225,13 @@ def _store_tile(base, x, offs_r, stride_r, offs_c, r_lim, c_lim, MASK_C: tl.cons
     (alignment as in _load_tile)."""
     if ALIGN > 1:
         stride_r = stride_r // ALIGN * ALIGN
-        cmask = (offs_c[None, :] // ALIGN) < (c_lim // ALIGN)
-    else:
-        cmask = offs_c[None, :] < c_lim
     ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :]
     x = x.to(base.dtype.element_ty)
     if MASK_C:
+        if ALIGN > 1:
+            cmask = (offs_c[None, :] // ALIGN) < (c_lim // ALIGN)
+        else:
+            cmask = offs_c[None, :] < c_lim
         tl.store(ptrs, x, mask=(offs_r[:, None] < r_lim) & cmask)
     else:
         tl.store(ptrs, x, mask=offs_r[:, None] < r_lim)

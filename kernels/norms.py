@@ -351,20 +351,28 @@ def _norm_bwd_kernel(
             x_raw, dh_raw, e_raw, y_raw = _bwd_loads(
                 X, DH, DXN, Y, i0, i1, i2, c2, mask, sx0, sx1, sx2, sd0, sd1, sd2, se0, se1, se2,
                 sy0, sy1, sy2, LEVELS, ALIGN, HAS_DXN, HAS_GATE)
-        else:  # load this tile, then work on it
+            x = x.to(tl.float32)
+            dh = dh.to(tl.float32)
+            if HAS_DXN:
+                dxn = dxn.to(tl.float32)
+            if HAS_GATE:
+                y = y.to(tl.float32)
+        else:  # load this tile, then work on it (inline loads: the interpreter's path, where
+            # every jit helper call costs ~1 ms)
             cur_rows = row_lo + it * ROWS + tl.arange(0, ROWS)
             rmask = cur_rows < row_hi
             j0, j1, j2 = _row_index(cur_rows, R1, R2, LEVELS)
             cur_mask = rmask[:, None] & cmask[None, :]
-            x, dh, dxn, y = _bwd_loads(
-                X, DH, DXN, Y, j0, j1, j2, c2, cur_mask, sx0, sx1, sx2, sd0, sd1, sd2, se0, se1, se2,
-                sy0, sy1, sy2, LEVELS, ALIGN, HAS_DXN, HAS_GATE)
-        x = x.to(tl.float32)
-        dh = dh.to(tl.float32)
-        if HAS_DXN:
-            dxn = dxn.to(tl.float32)
-        if HAS_GATE:
-            y = y.to(tl.float32)
+            x = tl.load(X + _offs(j0, j1, j2, sx0, sx1, sx2, LEVELS, ALIGN) + c2, mask=cur_mask,
+                        other=0.0).to(tl.float32)
+            dh = tl.load(DH + _offs(j0, j1, j2, sd0, sd1, sd2, LEVELS, ALIGN) + c2, mask=cur_mask,
+                         other=0.0).to(tl.float32)
+            if HAS_DXN:
+                dxn = tl.load(DXN + _offs(j0, j1, j2, se0, se1, se2, LEVELS, ALIGN) + c2, mask=cur_mask,
+                              other=0.0).to(tl.float32)
+            if HAS_GATE:
+                y = tl.load(Y + _offs(j0, j1, j2, sy0, sy1, sy2, LEVELS, ALIGN) + c2, mask=cur_mask,
+                            other=0.0).to(tl.float32)
 
         xhat, rstd = _normalize_rows(x, cur_mask, rmask, C, eps, IS_RMS)
         if HAS_SHIFT:
