@@ -72,6 +72,22 @@ def test_config_packaged_by_name_and_path_with_overrides(tmp_path: Path) -> None
     assert C.load_config(str(custom))["run_name"] == "mine"
 
 
+def test_fsdp_example_config_is_valid_for_composer() -> None:
+    """The t2i-1b FSDP section builds Composer's own FSDPConfig (key names and values checked
+    by Composer), and the Composer model marks every DiT block as one FSDP wrap unit and one
+    activation-checkpointing unit (the attributes Composer's FSDP preparation looks for). The
+    sharded run itself needs GPUs."""
+    from composer.utils.parallelism import FSDPConfig, ParallelismConfig
+    from ditperf.model import DiT
+    from ditperf.trainer.model import DiTComposerModel
+
+    fsdp = C.load_config("t2i-1b")["parallelism_config"]["fsdp"]
+    cfg = ParallelismConfig(fsdp=FSDPConfig(**fsdp))
+    assert cfg.fsdp.sharding_strategy == "FULL_SHARD" and cfg.fsdp.activation_checkpointing
+    model = DiTComposerModel(DiT("tiny"), seed=0, cond_dropout=0.1)
+    assert all(b._fsdp_wrap and b._activation_checkpointing for b in model.model.blocks)
+
+
 def test_fsdp_config_on_cpu_is_a_clear_error() -> None:
     """The t2i-1b FSDP example on a CPU run: one ConfigError saying why, not Composer's
     "Found no NVIDIA driver" traceback from inside its FSDP wrapper on every rank."""
