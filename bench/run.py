@@ -80,6 +80,8 @@ def gpu_parts() -> list[Part]:
         _pytest("gpu-tests-rest", ["test_model_backends.py", "test_profiling_gpu.py", "test_trainer.py",
                                    "test_export_onnx.py"], 150),
         Part("model", py(str(HERE / "model.py"), "--quick", "--out", "{out}"), 150),
+        Part("model-compile", py(str(HERE / "model.py"), "--quick", "--train-only", "--providers", "eager",
+                                 "compile", "triton", "triton+compile", "--out", "{out}"), 300),
         Part("demo", ["ditperf", "demo", "--device", "gpu", "--out", "{dir}/demo"], 200, produces_rows=False),
     ]
 
