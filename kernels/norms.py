@@ -477,9 +477,10 @@ _INTERP_PROGS = 4
 def _bwd_configs(block_c: int) -> list[triton.Config]:
     """(ROWS, num_warps, PROGS) candidates for the backward. Unlike the forward, each program
     holds several live tiles (x, dh, xhat, dx and 2-5 accumulators, plus the next tile's
-    loads), so the tiles hold only 4-8 fp32 values per thread per array: at ~100-180
-    registers per thread, 2-4 programs fit on an SM. The first GPU measurement (one program
-    of 16 warps x 8 values per SM-slot, no prefetch) reached only 0.4-0.5 TB/s.
+    loads), so the tiles hold 4-16 fp32 values per thread per array with 8-16 warps: at
+    ~100-250 registers per thread, 1-4 programs fit on an SM. The first GPU measurement (16
+    warps, no prefetch, 4 programs per SM) reached only 0.4-0.5 TB/s; the H100 sweep of
+    2026-11-27 (eager-timed) put 2 rows x 8 warps with prefetch, 8 programs per SM, first.
     ``DITPERF_NORM_BWD_CONFIGS="ROWSxWARPSxPROGS[xPREFETCH],..."`` replaces the list (e.g. a
     sweep in bench/norms.py)."""
     spec = os.environ.get("DITPERF_NORM_BWD_CONFIGS", "").strip()
