@@ -14,6 +14,7 @@ in CI. Three traps are handled here once instead of in every kernel file:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 
@@ -141,6 +142,16 @@ def check_tensor(
             f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}; "
             "call .contiguous()"
         )
+
+
+def align_hint(*values: int, cap: int) -> int:
+    """Largest power of two (<= ``cap``) dividing every value (zeros ignored): the ALIGN of
+    ditperf's launchers. Kernels receive row/batch/head strides in units of ALIGN elements and
+    multiply them back by the constexpr ALIGN, so Triton's alignment analysis knows them to
+    be multiples of it (it specializes integer arguments only on % 16) and loads 16-byte
+    vectors where a stride like 72 would otherwise give 2-byte loads."""
+    g = math.gcd(*values) if values else 0
+    return min(cap, g & -g) if g else cap
 
 
 def next_power_of_2(n: int) -> int:

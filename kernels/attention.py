@@ -99,6 +99,7 @@ import triton.language as tl
 from ditperf.kernels._common import (
     FLOAT_DTYPES,
     INTERPRET,
+    align_hint,
     autotune,
     check_tensor,
     dot,
@@ -191,13 +192,12 @@ def _load_tile(base, offs_r, stride_r, offs_c, r_lim, c_lim,
                ALIGN: tl.constexpr):
     """Load rows ``offs_r`` x columns ``offs_c`` (column stride 1); masked only where asked,
     out-of-range elements read as 0. Upcast under the interpreter (bf16 is raw bits there).
-    ``stride_r`` and ``c_lim`` are multiples of ALIGN (see _align): written so that Triton's
-    alignment analysis sees it and loads 16-byte vectors (D = 72: stride 72 is not a multiple
-    of 16, the only divisibility Triton specializes integer arguments on)."""
+    ``stride_r`` comes in units of ALIGN elements and ``c_lim`` is a multiple of ALIGN (see
+    ``_common.align_hint``): written so that Triton's alignment analysis sees it and loads
+    16-byte vectors (D = 72: a stride of 72 is not a multiple of 16, the only divisibility
+    Triton specializes integer arguments on)."""
     # No helper calls and no unused ops here: each costs time under the interpreter (ALIGN = 1).
-    if ALIGN > 1:
-        stride_r = stride_r // ALIGN * ALIGN
-    ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :]
+    ptrs = base + offs_r[:, None] * (stride_r * ALIGN) + offs_c[None, :]
     if MASK_C:
         if ALIGN > 1:
             cmask = (offs_c[None, :] // ALIGN) < (c_lim // ALIGN)
@@ -223,9 +223,7 @@ def _store_tile(base, x, offs_r, stride_r, offs_c, r_lim, c_lim, MASK_C: tl.cons
                 ALIGN: tl.constexpr):
     """Store rows < r_lim (always masked: once per program) and, if asked, columns < c_lim
     (alignment as in _load_tile)."""
-    if ALIGN > 1:
-        stride_r = stride_r // ALIGN * ALIGN
-    ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :]
+    ptrs = base + offs_r[:, None] * (stride_r * ALIGN) + offs_c[None, :]
     x = x.to(base.dtype.element_ty)
     if MASK_C:
         if ALIGN > 1:
@@ -308,19 +306,10 @@ def _fwd_kernel_body(
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    if ALIGN > 1:  # declare the strides multiples of ALIGN (16-byte vector loads, see _align)
-        stride_qb = stride_qb // ALIGN * ALIGN
-        stride_qh = stride_qh // ALIGN * ALIGN
-        stride_kb = stride_kb // ALIGN * ALIGN
-        stride_kh = stride_kh // ALIGN * ALIGN
-        stride_vb = stride_vb // ALIGN * ALIGN
-        stride_vh = stride_vh // ALIGN * ALIGN
-        stride_ob = stride_ob // ALIGN * ALIGN
-        stride_oh = stride_oh // ALIGN * ALIGN
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
-    o_base = Out + off_b * stride_ob + off_h * stride_oh
+    q_base = Q + off_b * (stride_qb * ALIGN) + off_h * (stride_qh * ALIGN)
+    k_base = K + off_b * (stride_kb * ALIGN) + off_h * (stride_kh * ALIGN)
+    v_base = V + off_b * (stride_vb * ALIGN) + off_h * (stride_vh * ALIGN)
+    o_base = Out + off_b * (stride_ob * ALIGN) + off_h * (stride_oh * ALIGN)
     km_base = KM + off_b * stride_mb
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -429,25 +418,12 @@ def _bwd_dq_kernel_body(
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    if ALIGN > 1:  # declare the strides multiples of ALIGN (16-byte vector loads, see _align)
-        stride_qb = stride_qb // ALIGN * ALIGN
-        stride_qh = stride_qh // ALIGN * ALIGN
-        stride_kb = stride_kb // ALIGN * ALIGN
-        stride_kh = stride_kh // ALIGN * ALIGN
-        stride_vb = stride_vb // ALIGN * ALIGN
-        stride_vh = stride_vh // ALIGN * ALIGN
-        stride_ob = stride_ob // ALIGN * ALIGN
-        stride_oh = stride_oh // ALIGN * ALIGN
-        stride_dob = stride_dob // ALIGN * ALIGN
-        stride_doh = stride_doh // ALIGN * ALIGN
-        stride_dqb = stride_dqb // ALIGN * ALIGN
-        stride_dqh = stride_dqh // ALIGN * ALIGN
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
-    o_base = Out + off_b * stride_ob + off_h * stride_oh
-    do_base = DO + off_b * stride_dob + off_h * stride_doh
-    dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
+    q_base = Q + off_b * (stride_qb * ALIGN) + off_h * (stride_qh * ALIGN)
+    k_base = K + off_b * (stride_kb * ALIGN) + off_h * (stride_kh * ALIGN)
+    v_base = V + off_b * (stride_vb * ALIGN) + off_h * (stride_vh * ALIGN)
+    o_base = Out + off_b * (stride_ob * ALIGN) + off_h * (stride_oh * ALIGN)
+    do_base = DO + off_b * (stride_dob * ALIGN) + off_h * (stride_doh * ALIGN)
+    dq_base = DQ + off_b * (stride_dqb * ALIGN) + off_h * (stride_dqh * ALIGN)
     km_base = KM + off_b * stride_mb
     row_base = (off_b * H + off_h) * N_Q  # lse, dlse, delta: contiguous (B, H, Nq)
 
@@ -545,25 +521,12 @@ def _bwd_dkdv_kernel_body(
     pid_n = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    if ALIGN > 1:  # declare the strides multiples of ALIGN (16-byte vector loads, see _align)
-        stride_qb = stride_qb // ALIGN * ALIGN
-        stride_qh = stride_qh // ALIGN * ALIGN
-        stride_kb = stride_kb // ALIGN * ALIGN
-        stride_kh = stride_kh // ALIGN * ALIGN
-        stride_vb = stride_vb // ALIGN * ALIGN
-        stride_vh = stride_vh // ALIGN * ALIGN
-        stride_dob = stride_dob // ALIGN * ALIGN
-        stride_doh = stride_doh // ALIGN * ALIGN
-        stride_dkb = stride_dkb // ALIGN * ALIGN
-        stride_dkh = stride_dkh // ALIGN * ALIGN
-        stride_dvb = stride_dvb // ALIGN * ALIGN
-        stride_dvh = stride_dvh // ALIGN * ALIGN
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
-    do_base = DO + off_b * stride_dob + off_h * stride_doh
-    dk_base = DK + off_b * stride_dkb + off_h * stride_dkh
-    dv_base = DV + off_b * stride_dvb + off_h * stride_dvh
+    q_base = Q + off_b * (stride_qb * ALIGN) + off_h * (stride_qh * ALIGN)
+    k_base = K + off_b * (stride_kb * ALIGN) + off_h * (stride_kh * ALIGN)
+    v_base = V + off_b * (stride_vb * ALIGN) + off_h * (stride_vh * ALIGN)
+    do_base = DO + off_b * (stride_dob * ALIGN) + off_h * (stride_doh * ALIGN)
+    dk_base = DK + off_b * (stride_dkb * ALIGN) + off_h * (stride_dkh * ALIGN)
+    dv_base = DV + off_b * (stride_dvb * ALIGN) + off_h * (stride_dvh * ALIGN)
     row_base = (off_b * H + off_h) * N_Q
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -838,14 +801,9 @@ def _align(d: int, *tensors: torch.Tensor) -> int:
 
 
 def _align_of(d: int, *tensors: torch.Tensor) -> int:
-    """Largest power of two dividing D and every batch/head/row stride of ``tensors``, capped
-    at 16 bytes of elements: the kernels declare those strides and D multiples of it, which
-    lets Triton use 16-byte vector loads where it cannot see it (a stride of 72)."""
-    g = d
-    for t in tensors:
-        g = math.gcd(g, *t.stride()[:3])
-    cap = 16 // tensors[0].element_size()
-    return min(cap, g & -g) if g else cap
+    """Power of two dividing D and every batch/head/row stride of ``tensors``, at most 16
+    bytes of elements (``_common.align_hint``)."""
+    return align_hint(d, *(s for t in tensors for s in t.stride()[:3]), cap=16 // tensors[0].element_size())
 
 
 def _mask_args(key_mask: torch.Tensor | None,
@@ -856,8 +814,9 @@ def _mask_args(key_mask: torch.Tensor | None,
     return km, km.stride(0), km.stride(1)
 
 
-def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+def _strides3(t: torch.Tensor, align: int) -> tuple[int, int, int]:
+    """Batch, head and row strides in units of ``align`` elements (the kernels multiply back)."""
+    return t.stride(0) // align, t.stride(1) // align, t.stride(2) // align
 
 
 def _alloc_out(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -882,12 +841,13 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.
     def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
         return (triton.cdiv(nq, meta["BLOCK_M"]), h, b)
 
+    a = _align(d, q, k, v, out)
     args = (q, k, v, km, out, lse,
-            *_strides3(q), *_strides3(k), *_strides3(v), smb, smn, *_strides3(out),
+            *_strides3(q, a), *_strides3(k, a), *_strides3(v, a), smb, smn, *_strides3(out, a),
             h, nq, nk, scale * _LOG2E, _bucket(nq), _bucket(nk))
     _launch("fwd", grid, args, {"HAS_MASK": key_mask is not None, "INTERPRET": INTERPRET,
                                 "IEEE": q.dtype == torch.float32, **_head_meta(d),
-                                "ALIGN": _align(d, q, k, v, out)})
+                                "ALIGN": a})
     return out, lse
 
 
@@ -902,9 +862,10 @@ def _backward(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Te
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((b, h, nq), device=q.device, dtype=torch.float32)
     km, smb, smn = _mask_args(key_mask, q)
+    a = _align(d, q, k, v, out, grad_out, dq, dk, dv)
     common = {"HAS_MASK": key_mask is not None, "INTERPRET": INTERPRET,
               "IEEE": q.dtype == torch.float32,
-              **_head_meta(d), "ALIGN": _align(d, q, k, v, out, grad_out, dq, dk, dv)}
+              **_head_meta(d), "ALIGN": a}
     glse = grad_lse if grad_lse is not None else lse
 
     def grid_q(meta: dict[str, Any]) -> tuple[int, int, int]:
@@ -914,13 +875,13 @@ def _backward(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Te
         return (triton.cdiv(nk, meta["BLOCK_N"]), h, b)
 
     dq_args = (q, k, v, km, out, grad_out, dq, lse, glse, delta,
-               *_strides3(q), *_strides3(k), *_strides3(v), smb, smn, *_strides3(out),
-               *_strides3(grad_out), *_strides3(dq),
+               *_strides3(q, a), *_strides3(k, a), *_strides3(v, a), smb, smn, *_strides3(out, a),
+               *_strides3(grad_out, a), *_strides3(dq, a),
                h, nq, nk, scale * _LOG2E, scale, _bucket(nq), _bucket(nk))
     _launch("dq", grid_q, dq_args, {"HAS_GLSE": grad_lse is not None, **common})
     dkdv_args = (q, k, v, km, grad_out, dk, dv, lse, delta,
-                 *_strides3(q), *_strides3(k), *_strides3(v), smb, smn, *_strides3(grad_out),
-                 *_strides3(dk), *_strides3(dv),
+                 *_strides3(q, a), *_strides3(k, a), *_strides3(v, a), smb, smn, *_strides3(grad_out, a),
+                 *_strides3(dk, a), *_strides3(dv, a),
                  h, nq, nk, scale * _LOG2E, scale, _bucket(nq), _bucket(nk))
     _launch("dkdv", grid_k, dkdv_args, common)
     return dq, dk, dv

@@ -88,6 +88,7 @@ import triton.language as tl
 from ditperf.kernels._common import (
     FLOAT_DTYPES,
     INTERPRET,
+    align_hint,
     autotune,
     check_tensor,
     eager_fast_path,
@@ -161,23 +162,15 @@ def _row_index(rows, R1, R2, LEVELS: tl.constexpr):
 
 @triton.jit
 def _offs(i0, i1, i2, s0, s1, s2, LEVELS: tl.constexpr, ALIGN: tl.constexpr):
-    """Element offsets of the rows (i0, i1, i2) of one tensor with row strides (s0, s1, s2).
-
-    The strides are multiples of ALIGN (see the launchers' _align); ``s // ALIGN * ALIGN``
-    says so to Triton's alignment analysis (``tl.multiple_of`` on the [ROWS, 1] offsets did
-    not reach the loads in triton 3.3/3.6), so that rows load as 16-byte vectors. ALIGN = 1
-    under the interpreter (no helper calls either: each costs time there).
-    """
-    if ALIGN > 1:
-        s0 = s0 // ALIGN * ALIGN
-        s1 = s1 // ALIGN * ALIGN
-        s2 = s2 // ALIGN * ALIGN
+    """Element offsets of the rows (i0, i1, i2) of one tensor whose row strides (s0, s1, s2)
+    come in units of ALIGN elements (``_common.align_hint``): multiplied back by the constexpr
+    ALIGN, Triton knows them to be multiples of it and loads rows as 16-byte vectors."""
     if LEVELS == 1:
-        off = i2 * s2
+        off = i2 * (s2 * ALIGN)
     elif LEVELS == 2:
-        off = i1 * s1 + i2 * s2
+        off = i1 * (s1 * ALIGN) + i2 * (s2 * ALIGN)
     else:
-        off = i0 * s0 + i1 * s1 + i2 * s2
+        off = i0 * (s0 * ALIGN) + i1 * (s1 * ALIGN) + i2 * (s2 * ALIGN)
     return off
 
 
@@ -570,18 +563,16 @@ def _row_layout(tensors: list[torch.Tensor]
 
 
 def _align_of(C: int, strides: list[tuple[int, int, int]]) -> int:
-    """Largest power of two (<= 16) dividing C and every row stride: the kernels declare row
-    offsets and C multiples of it. Without the hint Triton assumes nothing for a C or stride
-    that is not a multiple of 16 (it specializes integers on % 16 only) and falls back to
-    2-byte loads: QK-norm rows of D = 72 (stride 72 or 3*H*72) are multiples of 8."""
-    g = math.gcd(C, *[s for st in strides for s in st])
-    return min(16, g & -g) if g else 16
+    """Power of two (<= 16) dividing C and every row stride (``_common.align_hint``): QK-norm
+    rows of D = 72 (stride 72 or 3*H*72) get 8, where Triton alone would load 2 bytes at a time."""
+    return align_hint(C, *(s for st in strides for s in st), cap=16)
 
 
-def _align(C: int, strides: list[tuple[int, int, int]]) -> int:
-    """ALIGN for a launch: 1 under the interpreter (no vector loads to enable; the index
-    arithmetic would only cost time), else :func:`_align_of`."""
-    return 1 if INTERPRET else _align_of(C, strides)
+def _align(C: int, strides: list[tuple[int, int, int]]) -> tuple[int, list[tuple[int, int, int]]]:
+    """(ALIGN, the row strides in units of ALIGN elements) for a launch; ALIGN = 1 under the
+    interpreter (no vector loads to enable; the index arithmetic would only cost time)."""
+    a = 1 if INTERPRET else _align_of(C, strides)
+    return a, [tuple(s // a for s in st) for st in strides]  # type: ignore[misc]
 
 
 def _levels(sizes: tuple[int, int, int]) -> int:
@@ -689,6 +680,7 @@ def _norm_fwd(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None
             xnew.copy_(xn_c)
         return out, xnew
     sizes, strides = layout
+    align, strides = _align(C, strides)
     z = (0, 0, 0)
     sx, so = strides[0], strides[1]
     sy, sn = (strides[2], strides[3]) if y is not None else (z, z)
@@ -703,7 +695,7 @@ def _norm_fwd(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None
             G, sizes[1], sizes[2], C, *sx, *sy, *so, *sn, _s(gate), _s(shift), _s(scale), eps,
             IS_RMS=is_rms, HAS_RESIDUAL=y is not None, HAS_GATE=gate is not None,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, LEVELS=_levels(sizes), ALIGN=_align(C, strides),
+            HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, LEVELS=_levels(sizes), ALIGN=align,
             BLOCK_C=block_c,
         )
     return out, xnew
@@ -736,6 +728,7 @@ def _norm_bwd(dh: torch.Tensor, x: torch.Tensor, dxn: torch.Tensor | None, y: to
             dy.copy_(grads[1])
         return [dx] + ([dy] if dy is not None else []) + grads[1 + (dy is not None):]
     sizes, strides = layout
+    align, strides = _align(C, strides)
     rest = iter(strides[3:])
     z = (0, 0, 0)
     se = next(rest) if dxn is not None else z
@@ -745,8 +738,10 @@ def _norm_bwd(dh: torch.Tensor, x: torch.Tensor, dxn: torch.Tensor | None, y: to
     min_rows = _interp_rows(block_c) if INTERPRET else 1
     n_sm = num_sms(x.device)
     kernel = _bwd_kernel(block_c)
-    configs = [_interp_bwd_config(block_c)] if INTERPRET else [c.kwargs for c in _bwd_configs(block_c)]
-    p_max = max(_bwd_programs(groups, G, c["PROGS"], n_sm, min_rows) for c in configs)
+    # the partial-sum buffer fits the config with the most programs (P grows with PROGS);
+    # the autotuned kernel keeps its config list (the interpreter's wrapper has none)
+    progs_max = max((c.kwargs["PROGS"] for c in getattr(kernel, "configs", ())), default=_INTERP_PROGS)
+    p_max = _bwd_programs(groups, G, progs_max, n_sm, min_rows)
     n_part = sum(t is not None for t in (weight, bias, shift, scale, gate))
     part = torch.empty((max(n_part, 1), groups * p_max, C), device=x.device, dtype=torch.float32)
     slots = iter(range(n_part))
@@ -769,7 +764,7 @@ def _norm_bwd(dh: torch.Tensor, x: torch.Tensor, dxn: torch.Tensor | None, y: to
             _s(gate), _s(scale), eps,
             IS_RMS=is_rms, HAS_RESIDUAL=y is not None, HAS_DXN=dxn is not None,
             HAS_GATE=gate is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, LEVELS=_levels(sizes), ALIGN=_align(C, strides),
+            HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, LEVELS=_levels(sizes), ALIGN=align,
             BLOCK_C=block_c, MIN_ROWS=min_rows, STATIC_ITERS=static_iters,
         )
     # the config the autotuner ran (it sets best_config on every call, cached or not)

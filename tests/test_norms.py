@@ -676,7 +676,11 @@ def test_alignment_hint_path(device, monkeypatch):
     """The GPU launches pass ALIGN > 1 (strides and C declared multiples of it, for 16-byte
     loads); the interpreter gets ALIGN = 1. Run the ALIGN > 1 index arithmetic here too: QK-norm
     of q sliced from a fused qkv (D = 72: ALIGN 8) and a modulated LayerNorm (C = 40)."""
-    monkeypatch.setattr(norms_mod, "_align", norms_mod._align_of)
+    def gpu_align(C, strides):  # what _align returns on a GPU
+        a = norms_mod._align_of(C, strides)
+        return a, [tuple(s // a for s in st) for st in strides]
+
+    monkeypatch.setattr(norms_mod, "_align", gpu_align)
     B, N, H, D = 2, 7, 3, 72
     leaves = _qkv_q(B, N, H, D, BF16, device)
     assert norms_mod._align_of(D, [_q_of(leaves[0], H).stride()[:3]]) == 8
