@@ -55,3 +55,17 @@ def seed(request: pytest.FixtureRequest) -> int:
 def device() -> torch.device:
     """Where kernel tests run: the GPU when there is one, else the CPU interpreter."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def nvml_absent() -> None:
+    """Skip unless the real pynvml fails to load the NVML library (a machine without an
+    NVIDIA driver): for tests of the no-GPU error paths."""
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError_LibraryNotFound:
+        return
+    pynvml.nvmlShutdown()
+    pytest.skip("NVML works here (GPU machine)")

@@ -91,16 +91,9 @@ def test_callback_logs_power_metrics_with_replayed_trace(tmp_path, monkeypatch):
     assert (tmp_path / "power" / "power_timeline.png").exists()
 
 
-def test_callback_without_nvml_warns_once_and_training_finishes(monkeypatch, caplog):
-    import pynvml
+def test_callback_without_nvml_warns_once_and_training_finishes(monkeypatch, caplog, nvml_absent):
     from ditperf.profiling.callback import PowerCallback
 
-    try:
-        pynvml.nvmlInit()
-        pynvml.nvmlShutdown()
-        pytest.skip("NVML works here (GPU machine)")
-    except pynvml.NVMLError_LibraryNotFound:
-        pass
     monkeypatch.delenv(REPLAY_ENV, raising=False)
     cb = PowerCallback(log_interval=1)
     with caplog.at_level(logging.WARNING, logger="ditperf.profiling"):

@@ -87,16 +87,9 @@ def test_power_bad_input_one_line(replay, capsys, argv, match):
     assert rc == 2 and match in err and len(err.strip().splitlines()) == 1
 
 
-def test_power_without_nvml_for_real(tmp_path):
+def test_power_without_nvml_for_real(tmp_path, nvml_absent):
     """No NVIDIA driver on this machine: one clear line, non-zero exit, no traceback."""
-    import pynvml
 
-    try:
-        pynvml.nvmlInit()
-        pynvml.nvmlShutdown()
-        pytest.skip("NVML works here (GPU machine)")
-    except pynvml.NVMLError_LibraryNotFound:
-        pass
     env = {k: v for k, v in os.environ.items() if k != REPLAY_ENV}
     proc = subprocess.run([sys.executable, "-m", "ditperf.cli", "profile", "power", "--out", str(tmp_path / "o"),
                            "--", sys.executable, "-c", "pass"], capture_output=True, text=True, env=env, check=False,

@@ -74,9 +74,13 @@ def _data_synth(args: argparse.Namespace) -> int:
                                  seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    print(f"wrote {schema.total_samples} samples ({schema.conditioning}, {schema.latent_channels} channels, "
-          f"buckets {', '.join(f'{b.name}:{b.samples}' for b in schema.buckets)}) to {args.out}")
+    _print_written(schema, args.out)
     return 0
+
+
+def _print_written(schema, out) -> None:
+    print(f"wrote {schema.total_samples} samples ({schema.conditioning}, {schema.latent_channels} channels, "
+          f"buckets {', '.join(f'{b.name}:{b.samples}' for b in schema.buckets)}) to {out}")
 
 
 def _data_encode(args: argparse.Namespace) -> int:
@@ -94,8 +98,7 @@ def _data_encode(args: argparse.Namespace) -> int:
         schema = E.encode_dataset(args.input, args.out, opts)
     except (ValueError, OSError) as exc:
         raise UserError(str(exc)) from None
-    print(f"wrote {schema.total_samples} samples ({schema.conditioning}, {schema.latent_channels} channels, "
-          f"buckets {', '.join(f'{b.name}:{b.samples}' for b in schema.buckets)}) to {args.out}")
+    _print_written(schema, args.out)
     return 0
 
 
