@@ -112,7 +112,6 @@ def flow_matching_loss(model: DiT, batch: dict[str, torch.Tensor], *,
     t = logit_normal_timesteps(b, generator=generator, device=dev, mean=t_mean, std=t_std)
     eps = torch.randn(x0.shape, generator=generator, device=gdev).to(dev, x0.dtype)
     drop = (torch.rand(b, generator=generator, device=gdev) < cond_dropout).to(dev)
-    cond = model.drop_cond(cond, drop)
     x_t = interpolate(x0, eps, t)
     target = eps - x0
     mask = None
@@ -123,7 +122,7 @@ def flow_matching_loss(model: DiT, batch: dict[str, torch.Tensor], *,
             edit = make_edit_batch(x0, "mixed", generator)
             mask, source = edit["edit_mask"], edit["edit_source"]
         x_t = edit_model_input(x_t, source, mask)
-    pred = model(x_t, t, *cond)
+    pred = model(x_t, t, *cond, drop=drop)  # null conditioning inside forward (FSDP-safe)
     err = (pred.float() - target.float()) ** 2
     if edit_region_only:
         m = mask.float()
@@ -140,10 +139,14 @@ def make_step(model: DiT, cond: Cond, *, cfg_scale: float = 4.0, null_cond: Cond
     no host syncs: wrap in ``torch.compile`` or capture in a CUDA graph."""
     guided = cfg_scale != 1.0
     b = cond[0].shape[0]
-    if guided:
-        null_cond = null_cond if null_cond is not None else model.null_cond(
-            b, cond[0].shape[1] if len(cond) > 1 else None, cond[0].device)
+    drop = {}
+    if guided and null_cond is not None:
         cond_in = tuple(torch.cat([c, u.to(c.dtype)]) for c, u in zip(cond, null_cond))
+    elif guided:  # the model swaps in its null conditioning for the second half (FSDP-safe)
+        cond_in = tuple(torch.cat([c, c]) for c in cond)
+        flags = torch.zeros(2 * b, dtype=torch.bool, device=cond[0].device)
+        flags[b:] = True
+        drop = {"drop": flags}
     else:
         cond_in = cond
     edit = edit_mask is not None
@@ -153,7 +156,7 @@ def make_step(model: DiT, cond: Cond, *, cfg_scale: float = 4.0, null_cond: Cond
     def step(x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
         inp = edit_model_input(x, edit_source, edit_mask) if edit else x
         if guided:
-            v_c, v_u = model(torch.cat([inp, inp]), t, *cond_in).float().chunk(2)
+            v_c, v_u = model(torch.cat([inp, inp]), t, *cond_in, **drop).float().chunk(2)
             v = v_u + cfg_scale * (v_c - v_u)
         else:
             v = model(inp, t, *cond_in).float()

@@ -469,7 +469,8 @@ class DiT(nn.Module):
 
     def drop_cond(self, cond: tuple[torch.Tensor, ...], drop: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Replace the conditioning of samples where ``drop`` (bool (B,)) is True by the null
-        conditioning (CFG training). Differentiable w.r.t. the null text embedding."""
+        conditioning (CFG training). Differentiable w.r.t. the null text embedding. Reads
+        parameters: under FSDP call it through ``forward(..., drop=)``, not directly."""
         if self.y_embedder is not None:
             (labels,) = cond
             return (torch.where(drop, torch.full_like(labels, self.config.num_classes), labels),)
@@ -528,11 +529,23 @@ class DiT(nn.Module):
                              f"got {cond_mask.dtype} {tuple(cond_mask.shape)}")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
-                cond_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Velocity prediction; see the module docstring for shapes and meaning."""
+                cond_mask: torch.Tensor | None = None, *, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity prediction; see the module docstring for shapes and meaning.
+
+        ``drop`` (bool (B,), optional): samples whose conditioning is replaced by the null
+        conditioning (CFG dropout in training, the unconditional half of a CFG batch). It is
+        applied here, inside ``forward``, because FSDP gathers the sharded ``null_text``
+        parameter only while the wrapped module's forward runs."""
         self._check_inputs(x, t, cond, cond_mask)
         cfg = self.config
         b, _, h, w = x.shape
+        if drop is not None:
+            if not isinstance(drop, torch.Tensor) or drop.shape != (b,) or drop.dtype != torch.bool:
+                raise ValueError(f"drop must be a bool tensor of shape ({b},), got "
+                                 f"{drop.dtype if isinstance(drop, torch.Tensor) else type(drop).__name__} "
+                                 f"{tuple(drop.shape) if isinstance(drop, torch.Tensor) else ''}")
+            cond, *rest = self.drop_cond((cond,) if cond_mask is None else (cond, cond_mask), drop)
+            cond_mask = rest[0] if rest else None
         p = cfg.patch_size
         if t.dim() == 0:
             t = t.expand(b)

@@ -211,6 +211,20 @@ def test_null_cond_other_lengths_and_class() -> None:
     assert labels.tolist() == [10, 10, 10]
 
 
+def test_forward_drop_swaps_in_null_conditioning_per_sample() -> None:
+    """``forward(..., drop=)`` (the FSDP-safe CFG dropout: it reads the null embedding inside
+    forward) equals passing the null conditioning by hand, per sample; bad ``drop`` is a
+    clear error."""
+    for model in (randomize(DiT("tiny")), randomize(DiT(get_config("tiny", **TINY_CLASS)))):
+        x, t, *cond = model.example_inputs(3)
+        drop = torch.tensor([True, False, True])
+        null = model.null_cond(3, *((cond[0].shape[1],) if len(cond) == 2 else ()))
+        manual = tuple(torch.where(drop.view(-1, *[1] * (c.dim() - 1)), u.to(c.dtype), c) for c, u in zip(cond, null))
+        torch.testing.assert_close(model(x, t, *cond, drop=drop), model(x, t, *manual))
+        with pytest.raises(ValueError, match=r"drop must be a bool tensor of shape \(3,\)"):
+            model(x, t, *cond, drop=torch.ones(3))
+
+
 def test_edit_region_only_loss_ignores_kept_region() -> None:
     model = randomize(DiT(get_config("tiny", edit=True)))
     batch = text_batch(model, 2)
