@@ -70,7 +70,11 @@ Several GPUs / nodes
     composer -n 8 -m ditperf.trainer t2i-1b data.local=DIR       # FSDP (parallelism_config)
 
 Composer's launcher starts one process per GPU (DDP by default; FSDP when the config has a
-``parallelism_config: {fsdp: {...}}`` section, with one wrap unit per DiT block).
+``parallelism_config: {fsdp: {...}}`` section, with one wrap and activation-checkpointing unit
+per DiT block). ``fsdp_version`` (auto | 1 | 2; auto = ``$FSDP_VERSION``, else 1 on GPUs and 2
+on CPU, where v1 cannot run) picks Composer's FSDP or FSDP2; ``composer -n 2`` on CPU runs the
+t2i-1b section with FSDP2 over gloo. EMA is Composer's, subclassed (``ditperf.trainer.ema.EMA``) so that
+checkpoints of FSDP2-sharded EMA weights hold whole tensors (resume is exact).
 ``global_train_batch_size`` is split evenly across ranks and Streaming gives each rank its own
 samples. With a remote dataset set ``data.remote=s3://...`` and ``data.local`` to a local
 cache folder.

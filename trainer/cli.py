@@ -57,7 +57,7 @@ Overrides are dotted key=value pairs (values parsed as YAML), e.g.:
   ditperf train dit-xl-2 ... load_path=ckpt/ep0-ba1000-rank0.pt
 
 Several GPUs or nodes: Composer's launcher, `composer -n 8 -m ditperf.trainer CONFIG [k=v ...]`
-(DDP; FSDP via parallelism_config in the config). Checkpoints: Composer's own files
+(DDP; FSDP via parallelism_config in the config, fsdp_version=1|2). Checkpoints: Composer's own files
 ep{epoch}-ba{batch}-rank{rank}.pt + latest-rank{rank}.pt. At the end a summary (loss, img/s
 and MFU from Composer's SpeedMonitor) is printed and written to <save_folder>/train_summary.json.
 `--list-keys` prints every key with its default."""

@@ -93,6 +93,7 @@ DEFAULTS: dict[str, Any] = {
         "power": {"enabled": "auto", "interval_s": 0.05, "log_interval": 10, "out_dir": None},
     },
     "parallelism_config": None,
+    "fsdp_version": "auto",  # auto | 1 | 2: how the fsdp section runs (auto: $FSDP_VERSION, else 1 on GPU, 2 on CPU)
     "debug": {
         "nan_at_batch": None,  # test hook: make the loss NaN at this (0-based) batch index
         "param_digest": False,  # write <save_folder>/param_digest-rank<r>.json: param/EMA sha256, sample ids

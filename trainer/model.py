@@ -23,6 +23,7 @@ from composer.loggers import Logger
 from composer.models import ComposerModel
 from composer.utils import dist
 from ditperf.model import DiT, flops, flow_matching_loss
+from ditperf.model.dit import DiTBlock
 from ditperf.trainer.data import mix_seed
 
 FLOAT_KEYS = ("latents", "text", "edit_source", "edit_mask")
@@ -34,6 +35,11 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, batch: int, value: float) -> None:
         super().__init__(f"loss became non-finite ({value}) at batch {batch}")
         self.batch, self.value = batch, value
+
+
+def is_dit_block(module: torch.nn.Module) -> bool:
+    """Composer's ``fsdp_wrap_fn`` / ``activation_checkpointing_fn``: the DiT blocks."""
+    return isinstance(module, DiTBlock)
 
 
 class DiTComposerModel(ComposerModel):
@@ -56,9 +62,10 @@ class DiTComposerModel(ComposerModel):
         self.seen_sample_ids: list[int] | None = None  # set to [] to record (debug.param_digest)
         self.batch_index = 0
         self.micro_index = 0
-        for block in dit.blocks:  # Composer FSDP: one wrap unit (and checkpointing unit) per block
-            block._fsdp_wrap = True
-            block._activation_checkpointing = True
+        # Composer FSDP (v1 and v2) asks the ComposerModel's child, the DiT, which submodules
+        # are wrap units and which are recomputed in backward: each DiT block is both.
+        dit.fsdp_wrap_fn = is_dit_block
+        dit.activation_checkpointing_fn = is_dit_block
 
     # -- generator ------------------------------------------------------------------------
 

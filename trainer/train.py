@@ -59,12 +59,35 @@ def resolve_device_precision(cfg: dict[str, Any]) -> tuple[str, str]:
         precision = "amp_bf16" if device == "gpu" else "fp32"
     if device == "cpu" and precision != "fp32":
         raise ConfigError(f"precision={precision} needs a GPU (Composer refuses amp on CPU); use fp32 or auto")
-    par = cfg.get("parallelism_config") or {}
-    if device == "cpu" and isinstance(par, dict) and par.get("fsdp") is not None:
-        raise ConfigError("parallelism_config.fsdp needs CUDA GPUs (Composer's FSDP wrapper places each "
-                          "rank on torch.cuda.current_device()); on CPU drop it: parallelism_config=null "
-                          "(ranks launched with `composer -n N` then use DDP over gloo)")
     return device, precision
+
+
+def resolve_parallelism(cfg: dict[str, Any], device: str) -> Any:
+    """``parallelism_config`` for Composer, with its ``fsdp`` section as Composer's FSDP v1
+    ``FSDPConfig`` or FSDP2 ``FSDP2Config`` per ``fsdp_version`` (auto: $FSDP_VERSION if set,
+    else 1 on GPUs, Composer's default, and 2 on CPU, the only one that runs there)."""
+    par = cfg.get("parallelism_config")
+    if not isinstance(par, dict) or par.get("fsdp") is None:
+        return par
+    from composer.utils.parallelism import FSDP2Config, FSDPConfig
+
+    version = str(cfg["fsdp_version"])
+    if version == "auto":
+        version = os.environ.get("FSDP_VERSION") or ("1" if device == "gpu" else "2")
+    if version not in ("1", "2"):
+        raise ConfigError(f"fsdp_version must be auto, 1 or 2; got {version!r}")
+    fsdp = par["fsdp"]
+    if not isinstance(fsdp, dict):
+        raise ConfigError(f"parallelism_config.fsdp must be a mapping of FSDP options, got {fsdp!r}")
+    if version == "1" and device == "cpu":
+        raise ConfigError("FSDP v1 needs CUDA GPUs (Composer's FSDP wrapper places each rank on "
+                          "torch.cuda.current_device()); on CPU use fsdp_version=2 (FSDP2, what auto picks "
+                          "there) or drop the section: parallelism_config=null (DDP over gloo)")
+    try:
+        built = FSDPConfig(**fsdp) if version == "1" else FSDP2Config.from_compatible_attrs(fsdp)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"parallelism_config.fsdp (FSDP v{version}): {exc}") from exc
+    return {**par, "fsdp": built}
 
 
 def device_batch_size(cfg: dict[str, Any], world_size: int) -> int:
@@ -176,15 +199,17 @@ def build_trainer(cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """Construct the Composer ``Trainer``; returns (trainer, info)."""
     _kernels_first(cfg)
     from composer import Trainer
-    from composer.algorithms import EMA, GradientClipping
+    from composer.algorithms import GradientClipping
     from composer.loggers import InMemoryLogger
     from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
     from composer.utils import reproducibility
     from ditperf.model import DiT
+    from ditperf.trainer.ema import EMA
     from ditperf.trainer.model import DiTComposerModel
 
     world_size, rank, _ = _world()
     device, precision = resolve_device_precision(cfg)
+    parallelism = resolve_parallelism(cfg, device)
     batch = device_batch_size(cfg, world_size)
     mcfg = model_config(cfg)
     backend = cfg["model"]["backend"]
@@ -235,7 +260,7 @@ def build_trainer(cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         algorithms=algorithms, callbacks=build_callbacks(cfg, device), loggers=[memory],
         run_name=cfg["run_name"], progress_bar=bool(cfg["progress_bar"]),
         log_to_console=not cfg["progress_bar"], console_log_interval=str(cfg["console_log_interval"]),
-        autoresume=bool(cfg["autoresume"]), parallelism_config=cfg["parallelism_config"],
+        autoresume=bool(cfg["autoresume"]), parallelism_config=parallelism,
         device=device, precision=precision, device_train_microbatch_size=micro if micro is not None else batch,
         seed=int(cfg["seed"]), **kwargs,
     )
@@ -289,6 +314,8 @@ def summarize(trainer: Any, info: dict[str, Any], cfg: dict[str, Any]) -> dict[s
 
 def param_digest(trainer: Any) -> dict[str, str]:
     """sha256 of the training parameters and of the EMA parameters (for cross-rank checks)."""
+    from ditperf.trainer.ema import full_tensor
+
     train_p, ema_p = training_and_ema_params(trainer)
     out = {}
     for name, params in (("params", train_p), ("ema", ema_p)):
@@ -297,7 +324,7 @@ def param_digest(trainer: Any) -> dict[str, str]:
         h = hashlib.sha256()
         for k in sorted(params):
             h.update(k.encode())
-            h.update(params[k].detach().float().cpu().contiguous().numpy().tobytes())
+            h.update(full_tensor(params[k]).detach().float().cpu().contiguous().numpy().tobytes())
         out[name] = h.hexdigest()
     return out
 
