@@ -3,6 +3,8 @@ backend=triton, img/s and MFU as Composer's SpeedMonitor reports them.
 
     python bench/train.py [--preset dit-xl-2] [--batches 50] [--out FILE.json]
     python bench/train.py --smoke          # tiny preset on CPU, 4 batches each (plumbing only)
+    python bench/train.py --preset t2i-1b --batches 12 --num-samples 128 \
+        --set global_train_batch_size=8     # t2i-1b.yaml: FSDP (v1 on GPUs), one GPU or more
 
 Each backend runs in its own process (``ditperf train <config> ...``) on the same synthetic
 MDS dataset (``ditperf data synth``), so one run's compiled kernels or memory don't leak into
@@ -61,17 +63,18 @@ def _dump_partial(rows: list[Row], out: Path | None) -> None:
 
 def run(smoke: bool = False, quick: bool = False, *, preset: str = "dit-xl-2", batches: int = 50,
         out: Path | None = None, backend_timeout_s: float = 600,
-        backends: tuple[str, ...] = ("torch", "triton")) -> list[Row]:
+        backends: tuple[str, ...] = ("torch", "triton"), overrides: tuple[str, ...] = (),
+        num_samples: int = 8192) -> list[Row]:
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ValueError(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
-    config, extra = (preset, [])
+    config, extra = (preset, list(overrides))
     if smoke:
         config, preset, batches = "tiny-cpu", "tiny", 4
         extra = ["global_train_batch_size=8", "data.num_workers=0", "data.persistent_workers=false"]
     work = Path(tempfile.mkdtemp(prefix="ditperf-train-bench-"))
     data = work / "data"
-    num = 512 if smoke else 8192
+    num = 512 if smoke else num_samples
     subprocess.run(["ditperf", "data", "synth", "--out", str(data), "--preset", preset, "--num", str(num),
                     "--quiet"], check=True)
     rows = []
@@ -99,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="dit-xl-2")
     p.add_argument("--batches", type=int, default=50)
     p.add_argument("--backend-timeout", type=float, default=600, help="seconds per backend run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra `ditperf train` override, repeatable (e.g. global_train_batch_size=8)")
+    p.add_argument("--num-samples", type=int, default=8192,
+                   help="synthetic samples to write (t2i-1b: ~2.5 MB each, so keep it small there)")
     p.add_argument("--backends", default="torch,triton",
                    help=f"comma-separated, in order (default torch,triton; choices: {', '.join(BACKENDS)})")
     args = p.parse_args(argv)
@@ -109,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/train.py needs a GPU (or --smoke)", file=sys.stderr)
         return 2
     rows = run(args.smoke, args.quick, preset=args.preset, batches=args.batches, out=args.out,
-               backend_timeout_s=args.backend_timeout, backends=backends)
+               backend_timeout_s=args.backend_timeout, backends=backends, overrides=tuple(args.overrides),
+               num_samples=args.num_samples)
     finish(rows, title="Composer training: " + (rows[0].case if rows else args.preset), baseline="torch", out=args.out,
            roofs=roofs_or_none() if not args.smoke else None)
     ok = all(r.ms and r.extra.get("loss_last") is not None for r in rows)
