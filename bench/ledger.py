@@ -44,8 +44,11 @@ def render(rows: list[dict]) -> str:
     for r in rows:
         roof = "-" if r.get("pct_roof") is None else f"{r['pct_roof']:.0f}% {r.get('roof')}"
         ratio = "-" if r.get("ratio_to_baseline") is None else f"{r['ratio_to_baseline']:.2f}x {r.get('baseline')}"
-        out.append(f"| {r.get('part')} | {r.get('case')} | {r.get('shape')} | {r.get('provider')} | "
-                   f"{f(r.get('ms'), '.4f')} | {f(r.get('tflops'), '.1f')} | {f(r.get('gbps'), '.0f')} | "
+        gbps = r.get("gbps")
+        part = r.get("part") or r.get("bench")  # a standalone benchmark's JSON has no suite part
+        out.append(f"| {part} | {r.get('case')} | {r.get('shape')} | {r.get('provider')} | "
+                   f"{f(r.get('ms'), '.4f')} | {f(r.get('tflops'), '.1f')} | "
+                   f"{f(gbps, '.3f' if gbps is not None and gbps < 10 else '.0f')} | "
                    f"{roof} | {ratio} | {r['run']} |")
     if not rows:
         out.append("| (no GPU run committed yet) | | | | | | | | | |")
