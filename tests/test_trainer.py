@@ -208,6 +208,23 @@ def test_exact_resume_in_new_process_is_bit_identical(tiny_data: Path, tmp_path:
     assert any(not torch.equal(mid["model"][k], a["model"][k]) for k in a["model"])  # it did train
 
 
+def test_autoresume_continues_from_save_folder(tiny_data: Path, tmp_path: Path) -> None:
+    """``autoresume=true``: a run stopped at 2 batches, started again with the same command,
+    picks up its latest checkpoint from save_folder and ends where a straight run ends."""
+    common = [f"data.local={tiny_data}", "max_duration=4ba", "global_train_batch_size=4", "save_interval=2ba",
+              "run_name=auto", "data.num_workers=0", *CPU]
+    _train(common + [f"save_folder={tmp_path / 'a'}"])
+    first = _train(common + [f"save_folder={tmp_path / 'b'}", "autoresume=true", "stop_at=2ba"])
+    assert first["batches"] == 2 and not (tmp_path / "b" / "ep0-ba4-rank0.pt").exists()
+    again = _train(common + [f"save_folder={tmp_path / 'b'}", "autoresume=true"])
+    assert again["batches"] == 4
+    a, b = _ckpt(tmp_path / "a" / "ep0-ba4-rank0.pt"), _ckpt(tmp_path / "b" / "ep0-ba4-rank0.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ea, eb = _ema(a), _ema(b)
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     from ditperf.cli.main import main
