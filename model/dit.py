@@ -33,7 +33,9 @@ Backends (same parameters, same ``state_dict``):
   layer's norm after the last block); self-attention's residual with norm2 (class configs)
   or with the cross-attention query norm (text configs, unmodulated); the ungated
   cross-attention residual with norm2. So a block costs three fused norm kernels and two
-  attention kernels, and no separate residual add.
+  attention kernels, and no separate residual add. The MLP residual travels into the next
+  block's ``forward`` as ``pending`` (delta, gate), so each block touches only its own
+  parameters inside its own forward: FSDP and activation checkpointing wrap blocks.
 
 Block (adaLN-Zero; the cross-attention part only for text configs)::
 
@@ -261,9 +263,17 @@ class CrossAttention(nn.Module):
         return self.proj(_attend(q, k, v, text_mask, attn_backend or backend))
 
 
+#: The triton path hands each block's last gated residual, (delta, gate), to the next block
+#: (or the final layer), which fuses it with its own first LayerNorm.
+Pending = tuple[torch.Tensor, torch.Tensor]
+
+
 class DiTBlock(nn.Module):
-    """adaLN-Zero block; ``forward`` is the torch backend (the triton backend fuses across
-    blocks and lives in :meth:`DiT._blocks_triton`)."""
+    """adaLN-Zero block. ``backend="torch"``: ``x -> x`` as in DiT's models.py. ``"triton"``:
+    ``(x, pending) -> (x, pending)``: the previous block's MLP residual is added inside this
+    block's first fused norm, and this block's MLP residual is left for the next one. Each
+    block reads only its own parameters inside its own ``forward`` (FSDP gathers a block's
+    shards, and activation checkpointing recomputes it, around that call)."""
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
@@ -276,7 +286,10 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 6 * h))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor | None,
-                text_mask: torch.Tensor | None, attn_backend: str = "torch") -> torch.Tensor:
+                text_mask: torch.Tensor | None, attn_backend: str = "torch", backend: str = "torch",
+                pending: Pending | None = None) -> Any:
+        if backend == "triton":
+            return self._forward_triton(x, c, text, text_mask, attn_backend, pending)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
         norm = (x.shape[-1],)
         h = modulate(F.layer_norm(x, norm, eps=self.eps), shift1, scale1)
@@ -286,9 +299,28 @@ class DiTBlock(nn.Module):
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(F.layer_norm(x, norm, eps=self.eps), shift2, scale2))
         return x
 
+    def _forward_triton(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor | None,
+                        text_mask: torch.Tensor | None, attn_backend: str,
+                        pending: Pending | None) -> tuple[torch.Tensor, Pending]:
+        K, eps, dt = _kernels(), self.eps, x.dtype
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).to(dt).chunk(6, dim=1)
+        if pending is None:  # first block: nothing to add yet
+            h = K.layer_norm(x, shift=shift1, scale=scale1, eps=eps)
+        else:
+            x, h = K.gated_residual_layer_norm(x, pending[0], pending[1], shift=shift1, scale=scale1, eps=eps)
+        a = self.attn(h, "triton", attn_backend).to(dt)
+        if self.cross_attn is not None:
+            x, h = K.gated_residual_layer_norm(x, a, gate1, eps=eps)
+            ca = self.cross_attn(h, text, text_mask, "triton", attn_backend).to(dt)
+            x, h = K.gated_residual_layer_norm(x, ca, None, shift=shift2, scale=scale2, eps=eps)
+        else:
+            x, h = K.gated_residual_layer_norm(x, a, gate1, shift=shift2, scale=scale2, eps=eps)
+        return x, (self.mlp(h).to(dt), gate2)
+
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale; zero-init) + LayerNorm + Linear to p*p*C (zero-init)."""
+    """adaLN (shift, scale; zero-init) + LayerNorm + Linear to p*p*C (zero-init). With
+    ``pending`` (triton backend) the last block's residual is fused into the norm."""
 
     def __init__(self, hidden: int, p: int, out_channels: int, eps: float) -> None:
         super().__init__()
@@ -296,7 +328,12 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden, p * p * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, pending: Pending | None = None) -> torch.Tensor:
+        if pending is not None:
+            shift, scale = self.adaLN_modulation(c).to(x.dtype).chunk(2, dim=1)
+            _, h = _kernels().gated_residual_layer_norm(x, pending[0], pending[1], shift=shift, scale=scale,
+                                                        eps=self.eps)
+            return self.linear(h)
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(F.layer_norm(x, (x.shape[-1],), eps=self.eps), shift, scale))
 
@@ -562,38 +599,16 @@ class DiT(nn.Module):
         else:
             text, pooled = self.text_embedder(cond, cond_mask)
             c = c + pooled
-        if self.backend == "triton":
-            out = self._blocks_triton(tokens, c, text, cond_mask)
+        if self.backend == "triton":  # every residual add fused with the LayerNorm after it
+            pending = None
+            for block in self.blocks:
+                tokens, pending = block(tokens, c, text, cond_mask, self.attention_backend, "triton", pending)
+            out = self.final_layer(tokens, c, pending)
         else:
             for block in self.blocks:
                 tokens = block(tokens, c, text, cond_mask, self.attention_backend)
             out = self.final_layer(tokens, c)
         return unpatchify(out, p, cfg.out_channels, h, w)
-
-    def _blocks_triton(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor | None,
-                       text_mask: torch.Tensor | None) -> torch.Tensor:
-        """All blocks + final layer with ditperf.kernels; returns the final linear's output.
-
-        Every residual add is fused with the LayerNorm (+ modulation) that follows it."""
-        K = _kernels()
-        eps = self.config.eps
-        dt = x.dtype
-        mods = [blk.adaLN_modulation(c).to(dt).chunk(6, dim=1) for blk in self.blocks]
-        final_shift, final_scale = self.final_layer.adaLN_modulation(c).to(dt).chunk(2, dim=1)
-        h = K.layer_norm(x, shift=mods[0][0], scale=mods[0][1], eps=eps)
-        for i, blk in enumerate(self.blocks):
-            _, _, gate1, shift2, scale2, gate2 = mods[i]
-            a = blk.attn(h, "triton", self.attention_backend).to(dt)
-            if blk.cross_attn is not None:
-                x, h = K.gated_residual_layer_norm(x, a, gate1, eps=eps)
-                ca = blk.cross_attn(h, text, text_mask, "triton", self.attention_backend).to(dt)
-                x, h = K.gated_residual_layer_norm(x, ca, None, shift=shift2, scale=scale2, eps=eps)
-            else:
-                x, h = K.gated_residual_layer_norm(x, a, gate1, shift=shift2, scale=scale2, eps=eps)
-            m = blk.mlp(h).to(dt)
-            nshift, nscale = (mods[i + 1][0], mods[i + 1][1]) if i + 1 < len(self.blocks) else (final_shift, final_scale)
-            x, h = K.gated_residual_layer_norm(x, m, gate2, shift=nshift, scale=nscale, eps=eps)
-        return self.final_layer.linear(h)
 
     def extra_repr(self) -> str:
         attn = "" if self.attention_backend == self.backend else f", attention={self.attention_backend}"

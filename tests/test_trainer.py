@@ -306,7 +306,7 @@ def _composer(args: list[str], cwd: Path) -> None:
 def test_fsdp2_two_ranks_match_ddp_and_resume_exactly(tiny_data: Path, tmp_path: Path) -> None:
     """`composer -n 2` on CPU with the t2i-1b FSDP section (FSDP2 on CPU; activation
     checkpointing, full state dict): 4 batches match DDP's weights; 2 batches, checkpoint,
-    new launch, resume to 4 gives bit-identical weights and EMA. (Composer's own EMA saved
+    new launch, resume to 4 gives bit-identical weights and EMA; the triton backend trains. (Composer's own EMA saved
     rank 0's shards for every rank: the resumed weights were wrong; ditperf.trainer.ema fixes it.)"""
     import yaml
 
@@ -335,6 +335,12 @@ def test_fsdp2_two_ranks_match_ddp_and_resume_exactly(tiny_data: Path, tmp_path:
     rel = (sum(((fs[k] - dd[k]) ** 2).sum() for k in dd) / sum((dd[k] ** 2).sum() for k in dd)).sqrt().item()
     assert rel < 1e-3, rel
     assert any(not torch.equal(fs[k], _ckpt(mid)["model"][k]) for k in fs)  # it trained
+    # The triton backend under FSDP: every kernel call happens inside its block's forward,
+    # where FSDP has gathered the block (it used to fuse across blocks from DiT.forward).
+    _composer(common + ["stop_at=2ba", "model.backend=triton", f"save_folder={tmp_path / 'tri'}", "save_interval=2ba",
+                        f"parallelism_config={fsdp}"], tmp_path)
+    tri, ref = _ckpt(next((tmp_path / "tri").glob("ep*-ba2-rank0.pt")))["model"], _ckpt(mid)["model"]
+    assert all(torch.allclose(tri[k], ref[k], rtol=1e-4, atol=1e-5) for k in ref)
 
 
 @pytest.mark.gpu
