@@ -6,9 +6,11 @@
 Parts run in priority order, each in its own subprocess with a time box (a hang or crash in
 one part leaves the others' results): an attention-config diagnosis (bench/diag_attention.py:
 the configs that pass are the only ones later parts autotune over), machine roofs,
-attention, a power-profiled training burst (bench/model.py --train-only), Composer training
-torch vs triton (bench/train.py), GPU-marked kernel tests, norms, the power calibration, the
-other GPU-marked tests, the model benchmark (training + inference), the GPU demo. ``--only`` picks parts (e.g. to rerun some). Each part writes its own JSON
+attention, norms, power-profiled model benchmarks, Composer training torch vs triton
+(bench/train.py; ``train-fsdp``: t2i-1b with FSDP), a per-category profile of one training
+step (bench/profile_step.py), GPU-marked kernel tests, kernel rooflines, the power
+calibration, the other GPU-marked tests, the model benchmark (training + inference, and with
+torch.compile), the GPU demo. ``--only`` picks parts (e.g. to rerun some). Each part writes its own JSON
 under DIR/parts/; this script merges them into DIR/results.json (schema below) and
 DIR/summary.md. A part that runs out of time or fails is recorded with its status and the
 tail of its log, never dropped.
@@ -75,6 +77,7 @@ def gpu_parts() -> list[Part]:
         Part("train-fsdp", py(str(HERE / "train.py"), "--preset", "t2i-1b", "--batches", "12", "--num-samples", "128",
                                "--set", "global_train_batch_size=8", "--backend-timeout", "110",
                                "--backends", "torch,triton", "--out", "{out}"), 240),
+        Part("profile-step", py(str(HERE / "profile_step.py"), "--out", "{out}"), 150),
         _pytest("gpu-tests-kernels", ["test_norms.py", "test_attention.py"], 240),
         Part("profile-kernels", ["ditperf", "profile", "kernels", "--quick", "--power", "--out", "{dir}/profile-kernels"], 90,
              produces_rows=False),
@@ -96,6 +99,7 @@ def smoke_parts() -> list[Part]:
         Part("model", py(str(HERE / "model.py"), "--smoke", "--out", "{out}"), 180),
         Part("dataloader", py(str(HERE / "dataloader.py"), "--smoke", "--out", "{out}"), 120),
         Part("train", py(str(HERE / "train.py"), "--smoke", "--out", "{out}"), 180),
+        Part("profile-step", py(str(HERE / "profile_step.py"), "--smoke", "--out", "{out}"), 120),
     ]
 
 

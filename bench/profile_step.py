@@ -1,0 +1,158 @@
+"""Where a DiT training step's time goes, per provider: ``torch.profiler`` over a few steps
+(fwd + bwd + AdamW, bf16 autocast on a GPU), kernel time summed by category.
+
+    python bench/profile_step.py [--preset dit-xl-2] [--batch 64] [--steps 3] [--out FILE.json]
+        [--providers eager,triton,triton-norms+sdpa]
+    python bench/profile_step.py --smoke      # tiny preset on CPU (interpreter): plumbing only
+
+Why: bench/model.py says *that* the triton backend's step is no faster than eager although
+its kernels beat eager's one by one; this says *where*: GEMMs, attention (ditperf's or
+SDPA's), norms and element-wise work (ditperf's fused kernels vs torch's), the optimizer,
+copies, and how much of the wall time the device is busy at all (a host-bound step shows
+device-busy well under wall time).
+
+Rows: one per (provider, category): ``ms`` = device time per step in that category (on CPU:
+host time of the ops), ``extra.top`` = the category's largest kernels. One row per provider
+with case ``step``: wall ms per step, ``extra.device_busy_ms``. Categories are assigned from
+kernel names (see ``CATEGORIES``); unmatched kernels are ``other``, listed so nothing hides.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import Row, base_parser, finish, setup_interpreter_if_needed
+
+BENCH = "profile-step"
+
+#: (category, regex over the lower-cased kernel / op name); first match wins.
+CATEGORIES: list[tuple[str, str]] = [
+    # ditperf's Triton kernels (GPU) and its ops / autograd Functions (CPU host time)
+    ("attention ditperf", r"_fwd_kernel_body|_bwd_dq_kernel|_bwd_dkdv_kernel|ditperf::attention|_attentionfn"),
+    ("norms ditperf", r"_norm_fwd_kernel|_norm_bwd_kernel|ditperf::|_layernormfn|_rmsnormfn|_gatedfn"),
+    ("attention sdpa", r"flash|fmha|cudnn|attention|sdpa|_efficient_attention"),
+    ("gemm", r"gemm|cutlass|xmma|wgmma|nvjet|cublas|aten::mm|aten::addmm|aten::bmm|matmul|aten::linear"),
+    ("optimizer", r"adam|multi_tensor|foreach|_fused"),
+    ("norm/softmax torch", r"layer_norm|layernorm|rms_norm|softmax"),
+    ("copy/cast", r"copy|memcpy|memset|cast|to_copy|_to_|fill"),
+    ("elementwise/reduce", r"elementwise|vectorized|reduce|aten::(add|mul|sub|div|silu|gelu|tanh|sum|mean|where|pow|exp)"),
+]
+
+
+def categorize(name: str) -> str:
+    low = name.lower()
+    for cat, pattern in CATEGORIES:
+        if re.search(pattern, low):
+            return cat
+    return "other"
+
+
+def _kernel_times(prof: Any, cuda: bool) -> dict[str, float]:
+    """name -> total microseconds: CUDA kernels on a GPU; top-level-free CPU ops (self
+    time) on CPU."""
+    out: dict[str, float] = defaultdict(float)
+    if cuda:
+        for evt in prof.events():
+            if evt.device_type == torch.autograd.DeviceType.CUDA:
+                out[evt.name] += evt.time_range.elapsed_us()
+    else:
+        for evt in prof.key_averages():
+            if evt.self_cpu_time_total > 0:
+                out[evt.key] += evt.self_cpu_time_total
+    return out
+
+
+def _provider_rows(provider: str, preset: str, batch: int, steps: int, device: torch.device,
+                   smoke: bool) -> list[Row]:
+    from ditperf.model import DiT, get_config
+    from torch.profiler import ProfilerActivity, profile
+
+    import model as M  # bench/model.py: the same step, model and batch as the model benchmark
+
+    cfg = get_config(preset)
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = DiT(cfg)
+    M._set_backend(net, provider)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
+    data = M._make_batch(net, batch, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    step = M._train_step(net, opt, data, autocast, device)
+    for _ in range(2):  # compile, autotune, allocate
+        step()
+    M._sync()
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        M._sync()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    times = _kernel_times(prof, cuda)
+    by_cat: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    for name, us in times.items():
+        by_cat[categorize(name)].append((name, us))
+    shape = f"B={batch} {cfg.latent_channels}x{cfg.latent_size[0]}x{cfg.latent_size[1]} ({cfg.num_tokens()} tok)"
+    busy_ms = sum(times.values()) / 1e3 / steps
+    rows = [Row(BENCH, "step", shape, provider, wall_ms,
+                extra={"device_busy_ms": busy_ms, "busy_fraction": busy_ms / wall_ms if wall_ms else None,
+                       "steps": steps, "timing": "device kernels" if cuda else "host ops (CPU)"})]
+    for cat, items in sorted(by_cat.items(), key=lambda kv: -sum(us for _, us in kv[1])):
+        items.sort(key=lambda kv: -kv[1])
+        total_ms = sum(us for _, us in items) / 1e3 / steps
+        top = [{"name": n[:120], "ms_per_step": us / 1e3 / steps} for n, us in items[:6]]
+        rows.append(Row(BENCH, cat, shape, provider, total_ms,
+                        extra={"share_of_busy": total_ms / busy_ms if busy_ms else None, "kernels": len(items),
+                               "top": top}))
+    print(f"  {provider}: wall {wall_ms:.1f} ms/step, busy {busy_ms:.1f} ms", flush=True)
+    for r in rows[1:]:
+        print(f"    {r.case:20s} {r.ms:9.2f} ms  ({r.extra['kernels']} kernels; top: {r.extra['top'][0]['name'][:70]})",
+              flush=True)
+    del net, opt
+    M._free()
+    return rows
+
+
+def run(smoke: bool, quick: bool, *, preset: str = "dit-xl-2", batch: int = 64, steps: int = 3,
+        providers: tuple[str, ...] = ("eager", "triton", "triton-norms+sdpa")) -> list[Row]:
+    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    if smoke:
+        preset, batch, steps = "tiny", 2, 1
+    rows: list[Row] = []
+    print(f"[profile-step {preset}] batch {batch}, {steps} profiled steps on {device}", flush=True)
+    for provider in providers:
+        try:
+            rows += _provider_rows(provider, preset, batch, steps, device, smoke)
+        except Exception as exc:  # noqa: BLE001 - record, go on with the next provider
+            rows.append(Row(BENCH, "step", "-", provider, None, extra={"error": f"{type(exc).__name__}: {exc}"}))
+            print(f"  {provider}: failed: {exc}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser(__doc__)
+    p.add_argument("--preset", default="dit-xl-2")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--providers", default="eager,triton,triton-norms+sdpa",
+                   help="comma-separated bench/model.py providers (eager, triton, triton-norms+sdpa)")
+    args = p.parse_args(argv)
+    setup_interpreter_if_needed(args.smoke)
+    providers = tuple(x.strip() for x in args.providers.split(",") if x.strip())
+    rows = run(args.smoke, args.quick, preset=args.preset, batch=args.batch, steps=args.steps, providers=providers)
+    finish(rows, title=f"training step profile ({'tiny' if args.smoke else args.preset})", baseline="eager",
+           out=args.out)
+    return 0 if all(r.ms is not None for r in rows if r.case == "step") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
