@@ -225,6 +225,20 @@ def test_autoresume_continues_from_save_folder(tiny_data: Path, tmp_path: Path) 
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
+def test_compiled_model_trains_like_eager(tiny_data: Path, tmp_path: Path) -> None:
+    """``model.compile=true`` (Composer's compile_config, static shapes: one graph per
+    aspect-ratio bucket; dynamic shapes crashed inductor here) trains to the eager weights."""
+    common = [f"data.local={tiny_data}", "max_duration=4ba", "global_train_batch_size=4", "save_interval=4ba",
+              "data.num_workers=0", "debug.param_digest=true", *CPU]
+    _train(common + [f"save_folder={tmp_path / 'eager'}"])
+    _train(common + [f"save_folder={tmp_path / 'compiled'}", "model.compile=true"])
+    ids = json.loads((tmp_path / "compiled" / "param_digest-rank0.json").read_text())["sample_ids"]
+    assert ids == json.loads((tmp_path / "eager" / "param_digest-rank0.json").read_text())["sample_ids"]
+    a, b = (_ckpt(tmp_path / run / "ep0-ba4-rank0.pt")["model"] for run in ("eager", "compiled"))
+    rel = (sum(((a[k] - b[k]) ** 2).sum() for k in a) / sum((a[k] ** 2).sum() for k in a)).sqrt().item()
+    assert rel < 1e-3, rel
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     from ditperf.cli.main import main

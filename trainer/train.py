@@ -253,7 +253,9 @@ def build_trainer(cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
             raise ConfigError(f"load_path {cfg['load_path']} does not exist")
         kwargs.update(load_path=str(cfg["load_path"]), load_weights_only=bool(cfg["load_weights_only"]))
     if cfg["model"]["compile"]:
-        kwargs["compile_config"] = {}
+        # static shapes: one graph per aspect-ratio bucket (inductor 2.7 fails on the dynamic one: "cannot
+        # determine truth value of Relational" on CPU), and the best kernels for each
+        kwargs["compile_config"] = {"dynamic": False}
     trainer = Trainer(
         model=model, train_dataloader=train_spec, max_duration=str(cfg["max_duration"]),
         optimizers=optimizer, schedulers=scheduler, step_schedulers_every_batch=True,
