@@ -297,6 +297,23 @@ def test_cfg_step_combines_cond_and_uncond() -> None:
     torch.testing.assert_close(plain, x - 0.3 * v_c, rtol=1e-5, atol=1e-5)
 
 
+def test_cfg_step_compiles_once_fullgraph() -> None:
+    """The CFG step is one ``torch.compile(fullgraph=True)`` graph (no graph breaks, no host
+    syncs) that new timesteps reuse without recompiling (the static-shape serving path)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = randomize(DiT("tiny")).eval()
+    x, _, text, mask = model.example_inputs(2)
+    step = make_step(model, (text, mask), cfg_scale=4.0)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        for t, t_next in ((0.9, 0.6), (0.6, 0.3), (0.3, 0.0)):
+            t, t_next = torch.tensor(t), torch.tensor(t_next)
+            torch.testing.assert_close(compiled(x, t, t_next), step(x, t, t_next), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1
+
+
 @pytest.mark.parametrize("task", EDIT_TASKS)
 def test_sample_keeps_edit_region_exactly(task: str) -> None:
     model = randomize(DiT(get_config("tiny", edit=True)), std=0.2)
