@@ -2,7 +2,7 @@
 (fwd + bwd + AdamW, bf16 autocast on a GPU), kernel time summed by category.
 
     python bench/profile_step.py [--preset dit-xl-2] [--batch 64] [--steps 3] [--out FILE.json]
-        [--providers eager,triton,triton-norms+sdpa]
+        [--providers eager,triton,triton-norms+sdpa] [--cfg-preset t2i-1b]
     python bench/profile_step.py --smoke      # tiny preset on CPU (interpreter): plumbing only
 
 Why: bench/model.py says *that* the triton backend's step is no faster than eager although
@@ -10,6 +10,9 @@ its kernels beat eager's one by one; this says *where*: GEMMs, attention (ditper
 SDPA's), norms and element-wise work (ditperf's fused kernels vs torch's), the optimizer,
 copies, and how much of the wall time the device is busy at all (a host-bound step shows
 device-busy well under wall time).
+
+Cases: training steps of ``--preset``, then CFG denoising steps of ``--cfg-preset`` (one
+image, model batch 2, bf16 weights), the latter back to back as a sampler runs them.
 
 Rows: one per (provider, category): ``ms`` = device time per step in that category (on CPU:
 host time of the ops), ``extra.top`` = the category's largest kernels. One row per provider
@@ -70,10 +73,9 @@ def _kernel_times(prof: Any, cuda: bool) -> dict[str, float]:
     return out
 
 
-def _provider_rows(provider: str, preset: str, batch: int, steps: int, device: torch.device,
-                   smoke: bool) -> list[Row]:
+def _train_setup(provider: str, preset: str, batch: int, device: torch.device) -> tuple[Any, str, Any]:
+    """(step function, shape label, model): one optimizer step as bench/model.py times it."""
     from ditperf.model import DiT, get_config
-    from torch.profiler import ProfilerActivity, profile
 
     import model as M  # bench/model.py: the same step, model and batch as the model benchmark
 
@@ -85,7 +87,44 @@ def _provider_rows(provider: str, preset: str, batch: int, steps: int, device: t
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
     data = M._make_batch(net, batch, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    step = M._train_step(net, opt, data, autocast, device)
+    shape = f"train B={batch} {cfg.latent_channels}x{cfg.latent_size[0]}x{cfg.latent_size[1]} ({cfg.num_tokens()} tok)"
+    return M._train_step(net, opt, data, autocast, device), shape, net
+
+
+def _cfg_setup(provider: str, preset: str, device: torch.device) -> tuple[Any, str, Any]:
+    """(step function, shape label, model): one CFG denoising step of one image (model batch
+    2), bf16 weights on a GPU, as bench/model.py's cfg-step case."""
+    from ditperf.model import DiT, get_config, make_step, time_grid
+
+    import model as M
+
+    cfg = get_config(preset)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        net = DiT(cfg).to(dtype).eval()
+    M._set_backend(net, provider)
+    g = torch.Generator(device=device).manual_seed(0)
+    x, _, *cond = net.example_inputs(1, device=device, generator=g)
+    x = x.float()
+    grid = time_grid(20, cfg.sample_shift, device)
+    step = make_step(net, tuple(cond), cfg_scale=4.0)
+
+    def run() -> None:
+        with torch.no_grad():
+            step(x, grid[0], grid[1])
+
+    shape = f"cfg-step 1 img {cfg.latent_channels}x{cfg.latent_size[0]}x{cfg.latent_size[1]} ({cfg.num_tokens()} tok)"
+    return run, shape, net
+
+
+def _provider_rows(provider: str, preset: str, batch: int, steps: int, device: torch.device,
+                   mode: str = "train") -> list[Row]:
+    from torch.profiler import ProfilerActivity, profile
+
+    import model as M
+
+    step, shape, net = (_train_setup(provider, preset, batch, device) if mode == "train"
+                        else _cfg_setup(provider, preset, device))
     for _ in range(2):  # compile, autotune, allocate
         step()
     M._sync()
@@ -101,7 +140,6 @@ def _provider_rows(provider: str, preset: str, batch: int, steps: int, device: t
     by_cat: dict[str, list[tuple[str, float]]] = defaultdict(list)
     for name, us in times.items():
         by_cat[categorize(name)].append((name, us))
-    shape = f"B={batch} {cfg.latent_channels}x{cfg.latent_size[0]}x{cfg.latent_size[1]} ({cfg.num_tokens()} tok)"
     busy_ms = sum(times.values()) / 1e3 / steps
     rows = [Row(BENCH, "step", shape, provider, wall_ms,
                 extra={"device_busy_ms": busy_ms, "busy_fraction": busy_ms / wall_ms if wall_ms else None,
@@ -117,24 +155,31 @@ def _provider_rows(provider: str, preset: str, batch: int, steps: int, device: t
     for r in rows[1:]:
         print(f"    {r.case:20s} {r.ms:9.2f} ms  ({r.extra['kernels']} kernels; top: {r.extra['top'][0]['name'][:70]})",
               flush=True)
-    del net, opt
+    del net, step
     M._free()
     return rows
 
 
 def run(smoke: bool, quick: bool, *, preset: str = "dit-xl-2", batch: int = 64, steps: int = 3,
-        providers: tuple[str, ...] = ("eager", "triton", "triton-norms+sdpa")) -> list[Row]:
+        providers: tuple[str, ...] = ("eager", "triton", "triton-norms+sdpa"),
+        cfg_preset: str | None = "t2i-1b") -> list[Row]:
+    """Training steps of ``preset`` for every provider, then (``cfg_preset``) CFG inference
+    steps, pipelined as a sampler runs them (no sync between steps)."""
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     if smoke:
-        preset, batch, steps = "tiny", 2, 1
+        preset, batch, steps, cfg_preset = "tiny", 2, 1, "tiny"
     rows: list[Row] = []
-    print(f"[profile-step {preset}] batch {batch}, {steps} profiled steps on {device}", flush=True)
-    for provider in providers:
-        try:
-            rows += _provider_rows(provider, preset, batch, steps, device, smoke)
-        except Exception as exc:  # noqa: BLE001 - record, go on with the next provider
-            rows.append(Row(BENCH, "step", "-", provider, None, extra={"error": f"{type(exc).__name__}: {exc}"}))
-            print(f"  {provider}: failed: {exc}", flush=True)
+    cases = [("train", preset)] + ([("cfg", cfg_preset)] if cfg_preset else [])
+    for mode, name in cases:
+        print(f"[profile-step {mode} {name}] batch {batch if mode == 'train' else 2}, {steps} profiled steps "
+              f"on {device}", flush=True)
+        for provider in providers:
+            try:
+                rows += _provider_rows(provider, name, batch, steps, device, mode)
+            except Exception as exc:  # noqa: BLE001 - record, go on with the next provider
+                rows.append(Row(BENCH, "step", f"{mode} {name}", provider, None,
+                                extra={"error": f"{type(exc).__name__}: {exc}"}))
+                print(f"  {provider}: failed: {exc}", flush=True)
     return rows
 
 
@@ -145,10 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--providers", default="eager,triton,triton-norms+sdpa",
                    help="comma-separated bench/model.py providers (eager, triton, triton-norms+sdpa)")
+    p.add_argument("--cfg-preset", default="t2i-1b", help="text preset for the CFG inference step ('' = skip)")
     args = p.parse_args(argv)
     setup_interpreter_if_needed(args.smoke)
     providers = tuple(x.strip() for x in args.providers.split(",") if x.strip())
-    rows = run(args.smoke, args.quick, preset=args.preset, batch=args.batch, steps=args.steps, providers=providers)
+    rows = run(args.smoke, args.quick, preset=args.preset, batch=args.batch, steps=args.steps, providers=providers,
+               cfg_preset=args.cfg_preset or None)
     finish(rows, title=f"training step profile ({'tiny' if args.smoke else args.preset})", baseline="eager",
            out=args.out)
     return 0 if all(r.ms is not None for r in rows if r.case == "step") else 1

@@ -77,7 +77,7 @@ def gpu_parts() -> list[Part]:
         Part("train-fsdp", py(str(HERE / "train.py"), "--preset", "t2i-1b", "--batches", "12", "--num-samples", "128",
                                "--set", "global_train_batch_size=8", "--backend-timeout", "110",
                                "--backends", "torch,triton", "--out", "{out}"), 240),
-        Part("profile-step", py(str(HERE / "profile_step.py"), "--out", "{out}"), 150),
+        Part("profile-step", py(str(HERE / "profile_step.py"), "--out", "{out}"), 180),
         _pytest("gpu-tests-kernels", ["test_norms.py", "test_attention.py"], 240),
         Part("profile-kernels", ["ditperf", "profile", "kernels", "--quick", "--power", "--out", "{dir}/profile-kernels"], 90,
              produces_rows=False),
