@@ -18,11 +18,17 @@ def test_smoke_suite_runs_every_part(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["schema_version"] == 1 and results["suite"] == "smoke"
-    assert [p["name"] for p in results["parts"]] == ["norms", "attention", "model", "dataloader", "train"]
+    names = ["norms", "attention", "model", "dataloader", "train", "profile-step"]
+    assert [p["name"] for p in results["parts"]] == names
     assert all(p["status"] == "ok" for p in results["parts"])
     # every part produced rows, each naming its provider and shape
     parts_with_rows = {r["part"] for r in results["rows"]}
-    assert parts_with_rows == {"norms", "attention", "model", "dataloader", "train"}
+    assert parts_with_rows == set(names)
+    profile = [r for r in results["rows"] if r["part"] == "profile-step"]
+    for provider in ("eager", "triton"):  # a step row and its ops by category, for training and CFG
+        steps = [r for r in profile if r["provider"] == provider and r["case"] == "step"]
+        assert len(steps) == 2 and all(r["ms"] > 0 for r in steps)
+    assert {"attention ditperf", "norms ditperf"} <= {r["case"] for r in profile if r["provider"] == "triton"}
     assert all(r["provider"] and r["shape"] for r in results["rows"])
     assert "| norms |" in (tmp_path / "summary.md").read_text()
 
