@@ -84,7 +84,7 @@ def gpu_parts() -> list[Part]:
         Part("calibrate", ["ditperf", "profile", "calibrate", "--seconds", "30", "--out", "{out}"], 80,
              produces_rows=False),
         _pytest("gpu-tests-rest", ["test_model_backends.py", "test_profiling_gpu.py", "test_trainer.py",
-                                   "test_export_onnx.py"], 150),
+                                   "test_export_onnx.py"], 240),
         Part("model", py(str(HERE / "model.py"), "--quick", "--out", "{out}"), 150),
         Part("model-compile", py(str(HERE / "model.py"), "--quick", "--train-only", "--providers", "eager",
                                  "compile", "triton", "triton+compile", "--out", "{out}"), 300),
