@@ -18,6 +18,7 @@ Rows: one per (provider, category): ``ms`` = device time per step in that catego
 host time of the ops), ``extra.top`` = the category's largest kernels. One row per provider
 with case ``step``: wall ms per step, ``extra.device_busy_ms``. Categories are assigned from
 kernel names (see ``CATEGORIES``); unmatched kernels are ``other``, listed so nothing hides.
+With ``--out F.json`` also ``F.png``: stacked bars per provider, wall time marked.
 """
 
 from __future__ import annotations
@@ -183,6 +184,41 @@ def run(smoke: bool, quick: bool, *, preset: str = "dit-xl-2", batch: int = 64, 
     return rows
 
 
+def plot(rows: list[Row], path: Path) -> None:
+    """Stacked bars: device ms per step by category for each provider, one panel per case,
+    with the wall time per step marked (the gap is time the device sat idle)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    shapes = list(dict.fromkeys(r.shape for r in rows if r.case == "step" and r.ms))
+    cats = [c for c, _ in CATEGORIES] + ["other"]
+    colors = dict(zip(cats, ["#d62728", "#ff9896", "#1f77b4", "#2ca02c", "#9467bd", "#aec7e8", "#8c564b",
+                             "#bcbd22", "#7f7f7f"]))
+    fig = Figure(figsize=(10, 2.2 + 1.6 * len(shapes) * 2))
+    FigureCanvasAgg(fig)
+    for i, shape in enumerate(shapes):
+        ax = fig.add_subplot(len(shapes), 1, i + 1)
+        provs = list(dict.fromkeys(r.provider for r in rows if r.shape == shape and r.case == "step" and r.ms))
+        for y, prov in enumerate(provs):
+            left = 0.0
+            for cat in cats:
+                ms = sum(r.ms or 0 for r in rows if r.shape == shape and r.provider == prov and r.case == cat)
+                if ms > 0:
+                    ax.barh(y, ms, left=left, color=colors[cat], label=cat)  # legend deduplicated below
+                    left += ms
+            wall = next(r.ms for r in rows if r.shape == shape and r.provider == prov and r.case == "step")
+            ax.plot([wall, wall], [y - 0.4, y + 0.4], color="black", lw=2)
+        ax.set_yticks(range(len(provs)), provs)
+        ax.set_xlabel("ms per step (bars: device time by category; black line: wall time)")
+        ax.set_title(shape, fontsize=10)
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__)
     p.add_argument("--preset", default="dit-xl-2")
@@ -198,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                cfg_preset=args.cfg_preset or None)
     finish(rows, title=f"training step profile ({'tiny' if args.smoke else args.preset})", baseline="eager",
            out=args.out)
+    if args.out is not None and any(r.ms for r in rows if r.case == "step"):
+        plot(rows, args.out.with_suffix(".png"))
     return 0 if all(r.ms is not None for r in rows if r.case == "step") else 1
 
 
