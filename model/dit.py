@@ -34,7 +34,7 @@ Backends (same parameters, same ``state_dict``):
   or with the cross-attention query norm (text configs, unmodulated); the ungated
   cross-attention residual with norm2. So a block costs three fused norm kernels and two
   attention kernels, and no separate residual add. The MLP residual travels into the next
-  block's ``forward`` as ``pending`` (delta, gate), so each block touches only its own
+  block's ``forward`` as ``(delta, gate)``, so each block touches only its own
   parameters inside its own forward: FSDP and activation checkpointing wrap blocks.
 
 Block (adaLN-Zero; the cross-attention part only for text configs)::
@@ -263,17 +263,15 @@ class CrossAttention(nn.Module):
         return self.proj(_attend(q, k, v, text_mask, attn_backend or backend))
 
 
-#: The triton path hands each block's last gated residual, (delta, gate), to the next block
-#: (or the final layer), which fuses it with its own first LayerNorm.
-Pending = tuple[torch.Tensor, torch.Tensor]
-
-
 class DiTBlock(nn.Module):
     """adaLN-Zero block. ``backend="torch"``: ``x -> x`` as in DiT's models.py. ``"triton"``:
-    ``(x, pending) -> (x, pending)``: the previous block's MLP residual is added inside this
-    block's first fused norm, and this block's MLP residual is left for the next one. Each
-    block reads only its own parameters inside its own ``forward`` (FSDP gathers a block's
-    shards, and activation checkpointing recomputes it, around that call)."""
+    ``(x, delta, gate) -> (x, delta, gate)``: the previous block's MLP residual ``delta``
+    (gated by ``gate``; both None for the first block) is added inside this block's first
+    fused norm, and this block's own MLP residual is returned for the next one. Each block
+    reads only its own parameters inside its own ``forward`` (FSDP gathers a block's shards,
+    and activation checkpointing recomputes it, around that call); inputs and outputs are
+    flat tensors, as reentrant checkpointing (Composer's FSDP v1 default) needs: a nested
+    tuple output would come back without a gradient path."""
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
@@ -287,9 +285,9 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor | None,
                 text_mask: torch.Tensor | None, attn_backend: str = "torch", backend: str = "torch",
-                pending: Pending | None = None) -> Any:
+                delta: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> Any:
         if backend == "triton":
-            return self._forward_triton(x, c, text, text_mask, attn_backend, pending)
+            return self._forward_triton(x, c, text, text_mask, attn_backend, delta, gate)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
         norm = (x.shape[-1],)
         h = modulate(F.layer_norm(x, norm, eps=self.eps), shift1, scale1)
@@ -300,14 +298,14 @@ class DiTBlock(nn.Module):
         return x
 
     def _forward_triton(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor | None,
-                        text_mask: torch.Tensor | None, attn_backend: str,
-                        pending: Pending | None) -> tuple[torch.Tensor, Pending]:
+                        text_mask: torch.Tensor | None, attn_backend: str, delta: torch.Tensor | None,
+                        gate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         K, eps, dt = _kernels(), self.eps, x.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).to(dt).chunk(6, dim=1)
-        if pending is None:  # first block: nothing to add yet
+        if delta is None:  # first block: nothing to add yet
             h = K.layer_norm(x, shift=shift1, scale=scale1, eps=eps)
         else:
-            x, h = K.gated_residual_layer_norm(x, pending[0], pending[1], shift=shift1, scale=scale1, eps=eps)
+            x, h = K.gated_residual_layer_norm(x, delta, gate, shift=shift1, scale=scale1, eps=eps)
         a = self.attn(h, "triton", attn_backend).to(dt)
         if self.cross_attn is not None:
             x, h = K.gated_residual_layer_norm(x, a, gate1, eps=eps)
@@ -315,12 +313,12 @@ class DiTBlock(nn.Module):
             x, h = K.gated_residual_layer_norm(x, ca, None, shift=shift2, scale=scale2, eps=eps)
         else:
             x, h = K.gated_residual_layer_norm(x, a, gate1, shift=shift2, scale=scale2, eps=eps)
-        return x, (self.mlp(h).to(dt), gate2)
+        return x, self.mlp(h).to(dt), gate2
 
 
 class FinalLayer(nn.Module):
     """adaLN (shift, scale; zero-init) + LayerNorm + Linear to p*p*C (zero-init). With
-    ``pending`` (triton backend) the last block's residual is fused into the norm."""
+    ``delta``/``gate`` (triton backend) the last block's residual is fused into the norm."""
 
     def __init__(self, hidden: int, p: int, out_channels: int, eps: float) -> None:
         super().__init__()
@@ -328,11 +326,11 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden, p * p * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, pending: Pending | None = None) -> torch.Tensor:
-        if pending is not None:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, delta: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
+        if delta is not None:
             shift, scale = self.adaLN_modulation(c).to(x.dtype).chunk(2, dim=1)
-            _, h = _kernels().gated_residual_layer_norm(x, pending[0], pending[1], shift=shift, scale=scale,
-                                                        eps=self.eps)
+            _, h = _kernels().gated_residual_layer_norm(x, delta, gate, shift=shift, scale=scale, eps=self.eps)
             return self.linear(h)
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(F.layer_norm(x, (x.shape[-1],), eps=self.eps), shift, scale))
@@ -600,10 +598,10 @@ class DiT(nn.Module):
             text, pooled = self.text_embedder(cond, cond_mask)
             c = c + pooled
         if self.backend == "triton":  # every residual add fused with the LayerNorm after it
-            pending = None
+            delta = gate = None
             for block in self.blocks:
-                tokens, pending = block(tokens, c, text, cond_mask, self.attention_backend, "triton", pending)
-            out = self.final_layer(tokens, c, pending)
+                tokens, delta, gate = block(tokens, c, text, cond_mask, self.attention_backend, "triton", delta, gate)
+            out = self.final_layer(tokens, c, delta, gate)
         else:
             for block in self.blocks:
                 tokens = block(tokens, c, text, cond_mask, self.attention_backend)
