@@ -16,7 +16,8 @@ image, model batch 2, bf16 weights), the latter back to back as a sampler runs t
 
 Rows: one per (provider, category): ``ms`` = device time per step in that category (on CPU:
 host time of the ops), ``extra.top`` = the category's largest kernels. One row per provider
-with case ``step``: wall ms per step, ``extra.device_busy_ms``. Categories are assigned from
+with case ``step``: wall ms per step (profiled, back to back), ``extra.device_busy_ms``, and
+``extra.synced_call_ms`` (median of single calls each followed by a sync, unprofiled). Categories are assigned from
 kernel names (see ``CATEGORIES``); unmatched kernels are ``other``, listed so nothing hides.
 With ``--out F.json`` also ``F.png``: stacked bars per provider, wall time marked.
 """
@@ -142,9 +143,11 @@ def _provider_rows(provider: str, preset: str, batch: int, steps: int, device: t
     for name, us in times.items():
         by_cat[categorize(name)].append((name, us))
     busy_ms = sum(times.values()) / 1e3 / steps
+    synced_ms = M._time_loop(step, 1, steps)  # each call alone, synced: how bench/model.py times a CFG step
     rows = [Row(BENCH, "step", shape, provider, wall_ms,
                 extra={"device_busy_ms": busy_ms, "busy_fraction": busy_ms / wall_ms if wall_ms else None,
-                       "steps": steps, "timing": "device kernels" if cuda else "host ops (CPU)"})]
+                       "synced_call_ms": synced_ms, "steps": steps,
+                       "timing": "device kernels" if cuda else "host ops (CPU)"})]
     for cat, items in sorted(by_cat.items(), key=lambda kv: -sum(us for _, us in kv[1])):
         items.sort(key=lambda kv: -kv[1])
         total_ms = sum(us for _, us in items) / 1e3 / steps
@@ -152,7 +155,8 @@ def _provider_rows(provider: str, preset: str, batch: int, steps: int, device: t
         rows.append(Row(BENCH, cat, shape, provider, total_ms,
                         extra={"share_of_busy": total_ms / busy_ms if busy_ms else None, "kernels": len(items),
                                "top": top}))
-    print(f"  {provider}: wall {wall_ms:.1f} ms/step, busy {busy_ms:.1f} ms", flush=True)
+    print(f"  {provider}: wall {wall_ms:.1f} ms/step back to back, {synced_ms:.1f} ms per synced call, "
+          f"device busy {busy_ms:.1f} ms", flush=True)
     for r in rows[1:]:
         print(f"    {r.case:20s} {r.ms:9.2f} ms  ({r.extra['kernels']} kernels; top: {r.extra['top'][0]['name'][:70]})",
               flush=True)
