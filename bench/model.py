@@ -162,6 +162,13 @@ def _train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, data: dict[str
     return step
 
 
+def _train_parts(model: torch.nn.Module, batch: int, device: torch.device) -> tuple[Any, dict, torch.autocast]:
+    """(AdamW, batch, autocast) of the training-step benchmark (also bench/profile_step.py)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return opt, _make_batch(model, batch, device), autocast
+
+
 def _train_case(name: str, batch: int, providers: list[str], device: torch.device, steps: int,
                 warmup: int, overrides: dict | None = None) -> list[Row]:
     from ditperf.model import DiT, flops, get_config
@@ -178,10 +185,7 @@ def _train_case(name: str, batch: int, providers: list[str], device: torch.devic
     _free()
     with torch.device(device):
         model = DiT(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0,
-                            fused=device.type == "cuda")
-    data = _make_batch(model, batch, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    opt, data, autocast = _train_parts(model, batch, device)
     for provider in providers:
         print(f"  {provider}: running", flush=True)
         try:
@@ -238,21 +242,28 @@ def _train_with_retry(name: str, batch: int, providers: list[str], device: torch
 # ----------------------------------------------------------------------------- inference
 
 
-def _infer_cases(name: str, providers: list[str], device: torch.device, quick: bool,
-                 overrides: dict | None = None, sample_steps: int = 20) -> list[Row]:
-    from ditperf.model import DiT, flops, get_config, make_step, sample, time_grid
+def _cfg_model(cfg: Any, device: torch.device, sample_steps: int = 20) -> tuple[Any, torch.Tensor, tuple, torch.Tensor]:
+    """(model, x, cond, time grid) of the CFG inference benchmark (one image; bf16 weights on
+    a GPU, fp32 on CPU); also bench/profile_step.py."""
+    from ditperf.model import DiT, time_grid
 
-    cfg = get_config(name, **(overrides or {}))
-    h, w = cfg.latent_size
-    suffix = " (smoke)" if overrides else ""
-    shape = f"1 img CFG (model B=2) {cfg.latent_channels}x{h}x{w} ({cfg.num_tokens()} tok) text {cfg.text_len}"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):
         model = DiT(cfg).to(dtype).eval()
     g = torch.Generator(device=device).manual_seed(0)
     x, _, *cond = model.example_inputs(1, device=device, generator=g)
-    x = x.float()
-    grid = time_grid(sample_steps, cfg.sample_shift, device)
+    return model, x.float(), tuple(cond), time_grid(sample_steps, cfg.sample_shift, device)
+
+
+def _infer_cases(name: str, providers: list[str], device: torch.device, quick: bool,
+                 overrides: dict | None = None, sample_steps: int = 20) -> list[Row]:
+    from ditperf.model import flops, get_config, make_step, sample
+
+    cfg = get_config(name, **(overrides or {}))
+    h, w = cfg.latent_size
+    suffix = " (smoke)" if overrides else ""
+    shape = f"1 img CFG (model B=2) {cfg.latent_channels}x{h}x{w} ({cfg.num_tokens()} tok) text {cfg.text_len}"
+    model, x, cond, grid = _cfg_model(cfg, device, sample_steps)
     fl = flops(cfg, 2)["forward"]
     rows: list[Row] = []
     print(f"[cfg-step / sample-{sample_steps} {cfg.name}] {shape}", flush=True)
@@ -262,7 +273,7 @@ def _infer_cases(name: str, providers: list[str], device: torch.device, quick: b
             with torch.no_grad():
                 _set_backend(model, provider)
                 net = _maybe_compile(model, provider)
-                step = make_step(net, tuple(cond), cfg_scale=4.0)
+                step = make_step(net, cond, cfg_scale=4.0)
                 t0 = time.perf_counter()
                 step(x, grid[0], grid[1])
                 _sync()
@@ -276,7 +287,7 @@ def _infer_cases(name: str, providers: list[str], device: torch.device, quick: b
                                        "mfu_vs_datasheet_989": tflops / DATASHEET_TFLOPS}))
                 print(f"  {provider}: cfg step {ms:.2f} ms ({tflops:.0f} TFLOP/s)", flush=True)
                 case = f"sample-{sample_steps} {cfg.name}{suffix}"
-                run_sample = functools.partial(sample, net, tuple(cond), steps=sample_steps, cfg_scale=4.0,
+                run_sample = functools.partial(sample, net, cond, steps=sample_steps, cfg_scale=4.0,
                                                generator=torch.Generator(device=device).manual_seed(1))
                 ms = _time_loop(run_sample, *((1, 1 if quick else 3) if device.type == "cuda" else (0, 1)))
                 rows.append(Row(BENCH, case, shape, provider, ms, tflops=sample_steps * fl / (ms * 1e-3) / 1e12,

@@ -86,30 +86,22 @@ def _train_setup(provider: str, preset: str, batch: int, device: torch.device) -
     with torch.device(device):
         net = DiT(cfg)
     M._set_backend(net, provider)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
-    data = M._make_batch(net, batch, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    opt, data, autocast = M._train_parts(net, batch, device)
     shape = f"train B={batch} {cfg.latent_channels}x{cfg.latent_size[0]}x{cfg.latent_size[1]} ({cfg.num_tokens()} tok)"
     return M._train_step(net, opt, data, autocast, device), shape, net
 
 
 def _cfg_setup(provider: str, preset: str, device: torch.device) -> tuple[Any, str, Any]:
     """(step function, shape label, model): one CFG denoising step of one image (model batch
-    2), bf16 weights on a GPU, as bench/model.py's cfg-step case."""
-    from ditperf.model import DiT, get_config, make_step, time_grid
+    2), as bench/model.py's cfg-step case."""
+    from ditperf.model import get_config, make_step
 
     import model as M
 
     cfg = get_config(preset)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with torch.device(device):
-        net = DiT(cfg).to(dtype).eval()
+    net, x, cond, grid = M._cfg_model(cfg, device)
     M._set_backend(net, provider)
-    g = torch.Generator(device=device).manual_seed(0)
-    x, _, *cond = net.example_inputs(1, device=device, generator=g)
-    x = x.float()
-    grid = time_grid(20, cfg.sample_shift, device)
-    step = make_step(net, tuple(cond), cfg_scale=4.0)
+    step = make_step(net, cond, cfg_scale=4.0)
 
     def run() -> None:
         with torch.no_grad():
