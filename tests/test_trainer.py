@@ -45,6 +45,40 @@ def _ema(state: dict) -> dict[str, torch.Tensor]:
     return ema["ema_model"]["named_parameters_dict"]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args: list[str], cwd: Path, ranks: int = 1) -> subprocess.CompletedProcess:
+    """``python -m ditperf.trainer tiny-cpu ARGS`` in a new process, or through Composer's
+    launcher with ``ranks`` > 1 (one thread per rank); fails the test with the output tail."""
+    prefix = [sys.executable, "-m", "ditperf.trainer"]
+    env = {k: v for k, v in os.environ.items() if k != "FSDP_VERSION"}
+    if ranks > 1:
+        launcher = shutil.which("composer") or pytest.skip("composer launcher not on PATH")
+        prefix = [launcher, "-n", str(ranks), "--master_port", str(_free_port()), "-m", "ditperf.trainer"]
+        env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([*prefix, "tiny-cpu", *args, *QUIET], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _fsdp_override() -> str:
+    """``parallelism_config=`` override holding the t2i-1b config's FSDP section."""
+    import yaml
+
+    return "parallelism_config=" + yaml.safe_dump(C.load_config("t2i-1b")["parallelism_config"],
+                                                  default_flow_style=True).strip()
+
+
+def _rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """||a - b|| / ||b|| over all tensors of two state dicts with the same keys."""
+    return (sum(((a[k] - b[k]) ** 2).sum() for k in b) / sum((b[k] ** 2).sum() for k in b)).sqrt().item()
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -192,10 +226,7 @@ def test_exact_resume_in_new_process_is_bit_identical(tiny_data: Path, tmp_path:
     _train(common + [f"save_folder={tmp_path / 'a'}"])
     _train(common + [f"save_folder={tmp_path / 'b'}", "stop_at=4ba"])
     assert not (tmp_path / "b" / "ep1-ba8-rank0.pt").exists()
-    cmd = [sys.executable, "-m", "ditperf.trainer", "tiny-cpu", *common, *QUIET, f"save_folder={tmp_path / 'b'}",
-           f"load_path={tmp_path / 'b' / 'ep0-ba4-rank0.pt'}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _launch(common + [f"save_folder={tmp_path / 'b'}", f"load_path={tmp_path / 'b' / 'ep0-ba4-rank0.pt'}"], tmp_path)
     a, b = _ckpt(tmp_path / "a" / "ep1-ba8-rank0.pt"), _ckpt(tmp_path / "b" / "ep1-ba8-rank0.pt")
     assert a["timestamp"]["Timestamp"]["epoch"] == 1 == b["timestamp"]["Timestamp"]["epoch"]
     assert set(a["model"]) == set(b["model"])
@@ -235,7 +266,7 @@ def test_compiled_model_trains_like_eager(tiny_data: Path, tmp_path: Path) -> No
     ids = json.loads((tmp_path / "compiled" / "param_digest-rank0.json").read_text())["sample_ids"]
     assert ids == json.loads((tmp_path / "eager" / "param_digest-rank0.json").read_text())["sample_ids"]
     a, b = (_ckpt(tmp_path / run / "ep0-ba4-rank0.pt")["model"] for run in ("eager", "compiled"))
-    rel = (sum(((a[k] - b[k]) ** 2).sum() for k in a) / sum((a[k] ** 2).sum() for k in a)).sqrt().item()
+    rel = _rel_diff(b, a)
     assert rel < 1e-3, rel
 
 
@@ -282,22 +313,12 @@ def test_per_op_attention_backend(tiny_data: Path, tmp_path: Path) -> None:
         _train([f"data.local={tiny_data}", "model.attention_backend=cudnn", *CPU])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # ~35-70 s: the launcher and both ranks import Composer (kept in the default run)
 def test_ddp_two_ranks_gloo_identical_params(tiny_data: Path, tmp_path: Path) -> None:
     """`composer -n 2 -m ditperf.trainer ...` on CPU: both ranks end with the same weights."""
-    launcher = shutil.which("composer") or pytest.skip("composer launcher not on PATH")
-    cmd = [launcher, "-n", "2", "--master_port", str(_free_port()), "-m", "ditperf.trainer", "tiny-cpu",
-           f"data.local={tiny_data}", "max_duration=3ba", "global_train_batch_size=8", f"save_folder={tmp_path}",
-           "save_interval=3ba", "debug.param_digest=true", "data.num_workers=0", *CPU, *QUIET]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _launch([f"data.local={tiny_data}", "max_duration=3ba", "global_train_batch_size=8",
+                    f"save_folder={tmp_path}", "save_interval=3ba", "debug.param_digest=true", "data.num_workers=0",
+                    *CPU], tmp_path, ranks=2)
     assert "2 rank(s) x batch 4" in proc.stdout
     d0 = json.loads((tmp_path / "param_digest-rank0.json").read_text())
     d1 = json.loads((tmp_path / "param_digest-rank1.json").read_text())
@@ -308,30 +329,19 @@ def test_ddp_two_ranks_gloo_identical_params(tiny_data: Path, tmp_path: Path) ->
     assert state["timestamp"]["Timestamp"]["batch"] == 3 and state["timestamp"]["Timestamp"]["sample"] == 24
 
 
-def _composer(args: list[str], cwd: Path) -> None:
-    launcher = shutil.which("composer") or pytest.skip("composer launcher not on PATH")
-    cmd = [launcher, "-n", "2", "--master_port", str(_free_port()), "-m", "ditperf.trainer", "tiny-cpu", *args,
-           "data.num_workers=0", "debug.param_digest=true", *CPU, *QUIET]
-    env = {k: v for k, v in os.environ.items() if k != "FSDP_VERSION"} | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd, env=env, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
 def test_fsdp2_two_ranks_match_ddp_and_resume_exactly(tiny_data: Path, tmp_path: Path) -> None:
     """`composer -n 2` on CPU with the t2i-1b FSDP section (FSDP2 on CPU; activation
     checkpointing, full state dict): 4 batches match DDP's weights; 2 batches, checkpoint,
     new launch, resume to 4 gives bit-identical weights and EMA; the triton backend trains. (Composer's own EMA saved
     rank 0's shards for every rank: the resumed weights were wrong; ditperf.trainer.ema fixes it.)"""
-    import yaml
-
-    fsdp = yaml.safe_dump(C.load_config("t2i-1b")["parallelism_config"], default_flow_style=True).strip()
+    fsdp = _fsdp_override()
     common = [f"data.local={tiny_data}", "max_duration=4ba", "global_train_batch_size=8", "loss.cond_dropout=0.5",
-              "ema.half_life=2ba"]
-    _composer(common + [f"save_folder={tmp_path / 'a'}", "save_interval=2ba", f"parallelism_config={fsdp}"], tmp_path)
+              "ema.half_life=2ba", "data.num_workers=0", "debug.param_digest=true", *CPU]
+    _launch(common + [f"save_folder={tmp_path / 'a'}", "save_interval=2ba", fsdp], tmp_path, ranks=2)
     (mid,) = (tmp_path / "a").glob("ep*-ba2-rank0.pt")
-    _composer(common + [f"save_folder={tmp_path / 'b'}", "save_interval=4ba", f"load_path={mid}",
-                        f"parallelism_config={fsdp}"], tmp_path)
-    _composer(common + [f"save_folder={tmp_path / 'ddp'}", "save_interval=4ba"], tmp_path)
+    _launch(common + [f"save_folder={tmp_path / 'b'}", "save_interval=4ba", f"load_path={mid}", fsdp], tmp_path,
+            ranks=2)
+    _launch(common + [f"save_folder={tmp_path / 'ddp'}", "save_interval=4ba"], tmp_path, ranks=2)
     digests = {run: [json.loads((tmp_path / run / f"param_digest-rank{r}.json").read_text()) for r in (0, 1)]
                for run in ("a", "b")}
     for run in ("a", "b"):
@@ -346,13 +356,13 @@ def test_fsdp2_two_ranks_match_ddp_and_resume_exactly(tiny_data: Path, tmp_path:
     # Not bit-equal: FSDP's reduce-scatter sums in another order than DDP's all-reduce, and
     # Adam turns rounding-level gradients of the zero-initialised adaLN/bias weights into
     # +-lr steps. Measured: 4e-5 relative to the weights' norm (1e-3 would be a real bug).
-    rel = (sum(((fs[k] - dd[k]) ** 2).sum() for k in dd) / sum((dd[k] ** 2).sum() for k in dd)).sqrt().item()
+    rel = _rel_diff(fs, dd)
     assert rel < 1e-3, rel
     assert any(not torch.equal(fs[k], _ckpt(mid)["model"][k]) for k in fs)  # it trained
     # The triton backend under FSDP: every kernel call happens inside its block's forward,
     # where FSDP has gathered the block (it used to fuse across blocks from DiT.forward).
-    _composer(common + ["stop_at=2ba", "model.backend=triton", f"save_folder={tmp_path / 'tri'}", "save_interval=2ba",
-                        f"parallelism_config={fsdp}"], tmp_path)
+    _launch(common + ["stop_at=2ba", "model.backend=triton", f"save_folder={tmp_path / 'tri'}", "save_interval=2ba",
+                      fsdp], tmp_path, ranks=2)
     tri, ref = _ckpt(next((tmp_path / "tri").glob("ep*-ba2-rank0.pt")))["model"], _ckpt(mid)["model"]
     assert all(torch.allclose(tri[k], ref[k], rtol=1e-4, atol=1e-5) for k in ref)
 
@@ -377,21 +387,12 @@ def test_gpu_bf16_run_reports_mfu(tiny_data: Path, tmp_path: Path, backend: str)
 def test_gpu_fsdp_v1_triton_resumes_exactly(tiny_data: Path, tmp_path: Path) -> None:
     """On a GPU: the t2i-1b FSDP section with Composer's FSDP v1 (the GPU default), the triton
     backend, amp_bf16, EMA: 4 batches straight == 2 batches, checkpoint, new process, resume to 4."""
-    import yaml
-
-    fsdp = yaml.safe_dump(C.load_config("t2i-1b")["parallelism_config"], default_flow_style=True).strip()
     common = [f"data.local={tiny_data}", "max_duration=4ba", "global_train_batch_size=4", "data.num_workers=0",
-              "model.backend=triton", "device=gpu", "fsdp_version=1", f"parallelism_config={fsdp}",
-              "ema.half_life=2ba", "callbacks.power.enabled=false", *QUIET]
-
-    def run(args: list[str]) -> None:
-        cmd = [sys.executable, "-m", "ditperf.trainer", "tiny-cpu", *common, *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    run([f"save_folder={tmp_path / 'a'}", "save_interval=2ba"])
+              "model.backend=triton", "device=gpu", "fsdp_version=1", _fsdp_override(),
+              "ema.half_life=2ba", "callbacks.power.enabled=false"]
+    _launch(common + [f"save_folder={tmp_path / 'a'}", "save_interval=2ba"], tmp_path)
     (mid,) = (tmp_path / "a").glob("ep*-ba2-rank0.pt")
-    run([f"save_folder={tmp_path / 'b'}", "save_interval=4ba", f"load_path={mid}"])
+    _launch(common + [f"save_folder={tmp_path / 'b'}", "save_interval=4ba", f"load_path={mid}"], tmp_path)
     a, b = (_ckpt(next((tmp_path / run_dir).glob("ep*-ba4-rank0.pt"))) for run_dir in ("a", "b"))
     assert set(a["model"]) == set(b["model"])
     for k in a["model"]:  # the kernels are deterministic (no atomics): a wrong resume is off by ~1e-2
