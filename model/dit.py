@@ -579,8 +579,10 @@ class DiT(nn.Module):
                 raise ValueError(f"drop must be a bool tensor of shape ({b},), got "
                                  f"{drop.dtype if isinstance(drop, torch.Tensor) else type(drop).__name__} "
                                  f"{tuple(drop.shape) if isinstance(drop, torch.Tensor) else ''}")
-            cond, *rest = self.drop_cond((cond,) if cond_mask is None else (cond, cond_mask), drop)
-            cond_mask = rest[0] if rest else None
+            if cond_mask is None:
+                (cond,) = self.drop_cond((cond,), drop)
+            else:
+                cond, cond_mask = self.drop_cond((cond, cond_mask), drop)
         p = cfg.patch_size
         if t.dim() == 0:
             t = t.expand(b)
