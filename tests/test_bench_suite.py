@@ -98,3 +98,34 @@ def test_ledger_is_generated_from_run_folders(tmp_path: Path) -> None:
 
 def test_committed_ledger_is_up_to_date() -> None:
     assert subprocess.run([sys.executable, str(REPO / "bench" / "ledger.py"), "--check"], check=False).returncode == 0
+
+
+def test_model_targets_report_the_analytic_cfg_floor() -> None:
+    """The CFG-step target entry carries the step's FLOPs at the measured roof (the floor no
+    kernel can beat) next to the measured ms, from ditperf.model.flops, not a constant."""
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "bench"))  # bench/model.py imports benchlib
+    from benchlib import Row
+
+    # by path: a plain `import model` could find the repo's model/ folder (ditperf.model)
+    spec = importlib.util.spec_from_file_location("bench_model", REPO / "bench" / "model.py")
+    bench_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_model)
+
+    from ditperf.model import PRESETS, flops
+
+    fl = flops(PRESETS["t2i-1b"], 2)["forward"]
+    ms = 50.8
+    rows = [Row("model", "cfg-step t2i-1b", "", "eager", ms, tflops=fl / (ms * 1e-3) / 1e12),
+            Row("model", "train dit-xl-2", "", "eager", 160.0),
+            Row("model", "train dit-xl-2", "", "triton", 100.0)]
+    tg = bench_model.targets(rows, roof_tflops=700.0)
+    cfg = tg["cfg-step t2i-1b [eager] <= 25 ms"]
+    assert cfg["met"] is False and cfg["value"] == ms
+    assert cfg["floor_ms_at_roof"] == pytest.approx(fl / 700e12 * 1e3)
+    assert cfg["pct_of_roof_needed_for_25ms"] == pytest.approx(100 * fl / 25e-3 / 700e12)
+    assert 20 < cfg["floor_ms_at_roof"] < 25  # t2i-1b: ~15.7 TFLOP per CFG step
+    assert tg["train dit-xl-2: triton / eager img/s >= 1.3"] == {"value": 1.6, "met": True}
+    assert tg["train dit-xl-2: triton+compile / compile img/s >= 1.1"] is None
+    assert "floor_ms_at_roof" not in bench_model.targets(rows)["cfg-step t2i-1b [eager] <= 25 ms"]
