@@ -33,7 +33,8 @@ matmul roof of this GPU (``pct_roof``), and, labelled separately, by the H100 SX
 figure of 989 TFLOP/s (``extra.mfu_vs_datasheet_989``).
 
 Targets (H100; reported in the JSON ``targets`` entry, never asserted):
-  * train img/s: triton >= 1.3x eager, and triton+compile >= 1.1x compile;
+  * train img/s: triton >= 1.3x eager, and >= 1.1x compile (reported for triton and for
+    triton+compile);
   * one t2i-1b CFG step (batch 2 through the model, 1024px) <= 25 ms.
 """
 
@@ -400,7 +401,10 @@ def targets(rows: list[Row], roof_tflops: float | None = None) -> dict[str, Any]
     for case in sorted({r.case for r in rows if r.case.startswith("train")}):
         r1 = _ratio(rows, case, "triton", "eager")
         r2 = _ratio(rows, case, "triton+compile", "compile")
+        r3 = _ratio(rows, case, "triton", "compile")
         out[f"{case}: triton / eager img/s >= 1.3"] = None if r1 is None else {"value": r1, "met": r1 >= 1.3}
+        # "triton >= 1.1x compiled eager": both readings, the triton backend as is and compiled
+        out[f"{case}: triton / compile img/s >= 1.1"] = None if r3 is None else {"value": r3, "met": r3 >= 1.1}
         out[f"{case}: triton+compile / compile img/s >= 1.1"] = None if r2 is None else {"value": r2, "met": r2 >= 1.1}
     for r in rows:
         if r.case.startswith("cfg-step") and r.ms:

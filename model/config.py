@@ -80,6 +80,10 @@ class DiTConfig:
             bad(f"num_classes must be >= 1, got {self.num_classes}")
         if self.conditioning == "text" and (self.text_dim < 1 or self.text_len < 1):
             bad(f"text_dim and text_len must be >= 1, got {self.text_dim}, {self.text_len}")
+        if self.mlp_hidden < 1:
+            bad(f"mlp_ratio {self.mlp_ratio} gives an MLP width of {self.mlp_hidden}; expected >= 1")
+        if not self.eps > 0:
+            bad(f"eps must be > 0, got {self.eps}")
         if self.sample_shift <= 0:
             bad(f"sample_shift must be > 0, got {self.sample_shift}")
 

@@ -22,8 +22,12 @@ Batch contract (consumed by the trainer; every entry a tensor on one device)::
         "edit_source":float (B, C, H, W)   edit configs (optional): latents * (1 - edit_mask)
     }
 
-Edit configs whose batch lacks ``edit_mask``/``edit_source`` get them from
-``make_edit_batch(latents, "mixed", generator)`` inside the loss. Randomness of the loss
+Edit configs whose batch lacks both ``edit_mask`` and ``edit_source`` get them from
+``make_edit_batch(latents, "mixed", generator)`` inside the loss; one without the other, or
+either for a non-edit config, is an error. Given masks are binarized at 0.5 and the source
+is masked with them (``source * (1 - mask)``), in the loss and the sampler alike, so the
+model never sees content in the region it regenerates (an unmasked source, natural for
+"AI Erase", is fine to pass). Randomness of the loss
 is drawn from ``generator`` in a fixed order and amount (t, eps, dropout, edit masks), so
 seeding it per (seed, global batch index) makes a resumed run bit-identical.
 
@@ -37,7 +41,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from ditperf.model.dit import DiT
+from ditperf.model.dit import DiT, check_conditioning
 from ditperf.model.edit import edit_model_input, make_edit_batch
 
 Cond = tuple[torch.Tensor, ...]
@@ -87,6 +91,22 @@ def _batch_cond(model: DiT, batch: dict[str, torch.Tensor]) -> Cond:
     return tuple(batch[k] for k in keys)
 
 
+def edit_pair(cfg_name: str, edit: bool, source: torch.Tensor | None,
+              mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Validate and normalize an (edit_source, edit_mask) pair: None for a non-edit config
+    given neither; else (source * (1 - m), m) with m = (mask >= 0.5) in the mask's dtype.
+    Raises ValueError for half a pair, or a pair for a config without edit channels."""
+    if source is None and mask is None:
+        return None
+    if not edit:
+        raise ValueError(f"config {cfg_name!r} has edit=False: edit_source / edit_mask must not be given")
+    if source is None or mask is None:
+        raise ValueError(f"edit_source and edit_mask must be given together; got only "
+                         f"{'edit_mask' if source is None else 'edit_source'}")
+    m = (mask >= 0.5).to(mask.dtype if mask.is_floating_point() else source.dtype)
+    return source * (1 - m), m
+
+
 def flow_matching_loss(model: DiT, batch: dict[str, torch.Tensor], *,
                        generator: torch.Generator | None = None, cond_dropout: float = 0.0,
                        edit_region_only: bool = False, t_mean: float = 0.0,
@@ -115,9 +135,10 @@ def flow_matching_loss(model: DiT, batch: dict[str, torch.Tensor], *,
     x_t = interpolate(x0, eps, t)
     target = eps - x0
     mask = None
+    given = edit_pair(cfg.name, cfg.edit, batch.get("edit_source"), batch.get("edit_mask"))
     if cfg.edit:
-        if "edit_mask" in batch and "edit_source" in batch:
-            mask, source = batch["edit_mask"], batch["edit_source"]
+        if given is not None:
+            source, mask = given
         else:
             edit = make_edit_batch(x0, "mixed", generator)
             mask, source = edit["edit_mask"], edit["edit_source"]
@@ -136,9 +157,20 @@ def make_step(model: DiT, cond: Cond, *, cfg_scale: float = 4.0, null_cond: Cond
     """``step(x, t, t_next) -> x_next``: one Euler step with CFG (when cfg_scale != 1) and,
     for edits, the kept region re-imposed at noise level t_next from the initial ``noise``
     (exactly ``edit_source`` at t_next = 0). t, t_next: 0-d float tensors. Static shapes,
-    no host syncs: wrap in ``torch.compile`` or capture in a CUDA graph."""
+    no host syncs: wrap in ``torch.compile`` or capture in a CUDA graph. Edit masks are
+    binarized at 0.5 and the source masked with them (see the module docstring)."""
+    cfg = model.config
     guided = cfg_scale != 1.0
     b = cond[0].shape[0]
+    # checked here, on the caller's batch: inside the model it would be the doubled CFG batch
+    check_conditioning(cfg, b, cond[0], cond[1] if len(cond) > 1 else None)
+    pair = edit_pair(cfg.name, cfg.edit, edit_source, edit_mask)
+    if pair is None and cfg.edit:
+        raise ValueError(f"config {cfg.name!r} has edit channels: pass edit_source and edit_mask")
+    if pair is not None:
+        if noise is None:
+            raise ValueError("edits need noise= (the initial noise the kept region is re-noised with)")
+        edit_source, edit_mask = pair
     drop = {}
     if guided and null_cond is not None:
         cond_in = tuple(torch.cat([c, u.to(c.dtype)]) for c, u in zip(cond, null_cond))
@@ -192,9 +224,9 @@ def sample(model: DiT, cond: Cond | None = None, *, labels: torch.Tensor | None 
     if any(c is None for c in cond):
         need = "labels=" if cfg.conditioning == "class" else "text= and text_mask="
         raise ValueError(f"config {cfg.name!r} needs conditioning: pass {need} (or cond=)")
-    if cfg.edit != (edit_mask is not None and edit_source is not None):
-        raise ValueError(f"config {cfg.name!r} has edit={cfg.edit}: edit_source and edit_mask must "
-                         + ("both be given" if cfg.edit else "not be given"))
+    if cfg.edit and edit_mask is None and edit_source is None:
+        raise ValueError(f"config {cfg.name!r} has edit=True: edit_source and edit_mask must both be given")
+    pair = edit_pair(cfg.name, cfg.edit, edit_source, edit_mask)
     b, dev = cond[0].shape[0], cond[0].device
     if noise is not None:
         shape = tuple(noise.shape)
@@ -202,14 +234,19 @@ def sample(model: DiT, cond: Cond | None = None, *, labels: torch.Tensor | None 
         shape = tuple(edit_source.shape)
     else:
         shape = (b, cfg.latent_channels, height or cfg.latent_size[0], width or cfg.latent_size[1])
-    if shape[0] != b or shape[1] != cfg.latent_channels:
+    if len(shape) != 4 or shape[0] != b or shape[1] != cfg.latent_channels:
         raise ValueError(f"latent shape {shape} does not match batch {b} / {cfg.latent_channels} channels")
+    if (height or shape[2]) != shape[2] or (width or shape[3]) != shape[3]:
+        raise ValueError(f"height/width {height or shape[2]}x{width or shape[3]} disagree with the latent "
+                         f"size {shape[2]}x{shape[3]} "
+                         "of noise / edit_source; pass one or the other")
+    if edit_source is not None and tuple(edit_source.shape) != shape:
+        raise ValueError(f"edit_source shape {tuple(edit_source.shape)} does not match the latent shape {shape}")
     if noise is None:
         noise = torch.randn(shape, generator=generator, device=_gen_device(generator, dev)).to(dev)
     noise = noise.float()
-    if edit_source is not None:
-        edit_source = edit_source.float()
-        edit_mask = edit_mask.float()
+    if pair is not None:
+        edit_source, edit_mask = pair[0].float(), pair[1].float()
     step = make_step(model, cond, cfg_scale=cfg_scale, edit_source=edit_source, edit_mask=edit_mask,
                      noise=noise)
     if step_fn is not None:

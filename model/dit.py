@@ -339,6 +339,30 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------- model
 
 
+def check_conditioning(cfg: DiTConfig, b: int, cond: torch.Tensor | None,
+                       cond_mask: torch.Tensor | None) -> None:
+    """Raise a ValueError naming what ``cfg`` expects unless (cond, cond_mask) is valid
+    conditioning for a batch of ``b``: labels (b,) int, or text (b, L, text_dim) float +
+    text_mask (b, L) bool. Shape and dtype checks only (no host sync)."""
+    if cfg.conditioning == "class":
+        if cond is None:
+            raise ValueError(f"config {cfg.name!r} is class-conditional: pass labels, int64 ({b},) "
+                             f"in [0, {cfg.num_classes}] ({cfg.num_classes} = null class)")
+        if cond.shape != (b,) or cond.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"labels must be int64 of shape ({b},), got {cond.dtype} {tuple(cond.shape)}")
+        if cond_mask is not None:
+            raise ValueError(f"config {cfg.name!r} is class-conditional: cond_mask must not be given")
+        return
+    if cond is None or cond_mask is None:
+        raise ValueError(f"config {cfg.name!r} is text-conditional: pass text ({b}, L, {cfg.text_dim}) "
+                         f"float and text_mask ({b}, L) bool (True = real token)")
+    if cond.dim() != 3 or cond.shape[0] != b or cond.shape[2] != cfg.text_dim or not cond.is_floating_point():
+        raise ValueError(f"text must be float ({b}, L, {cfg.text_dim}), got {cond.dtype} {tuple(cond.shape)}")
+    if cond_mask.shape != cond.shape[:2] or cond_mask.dtype != torch.bool:
+        raise ValueError(f"text_mask must be bool of shape {tuple(cond.shape[:2])} (matching text), "
+                         f"got {cond_mask.dtype} {tuple(cond_mask.shape)}")
+
+
 class DiT(nn.Module):
     """Latent DiT. ``DiT("tiny")``, ``DiT(get_config("t2i-1b"), backend="triton")``.
 
@@ -545,23 +569,7 @@ class DiT(nn.Module):
         if not isinstance(t, torch.Tensor) or t.shape not in ((b,), ()):
             raise ValueError(f"t must be a float tensor of shape ({b},) or (), got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if cfg.conditioning == "class":
-            if cond is None:
-                raise ValueError(f"config {cfg.name!r} is class-conditional: pass labels, int64 ({b},) "
-                                 f"in [0, {cfg.num_classes}] ({cfg.num_classes} = null class)")
-            if cond.shape != (b,) or cond.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"labels must be int64 of shape ({b},), got {cond.dtype} {tuple(cond.shape)}")
-            if cond_mask is not None:
-                raise ValueError(f"config {cfg.name!r} is class-conditional: cond_mask must not be given")
-            return
-        if cond is None or cond_mask is None:
-            raise ValueError(f"config {cfg.name!r} is text-conditional: pass text ({b}, L, {cfg.text_dim}) "
-                             f"float and text_mask ({b}, L) bool (True = real token)")
-        if cond.dim() != 3 or cond.shape[0] != b or cond.shape[2] != cfg.text_dim or not cond.is_floating_point():
-            raise ValueError(f"text must be float ({b}, L, {cfg.text_dim}), got {cond.dtype} {tuple(cond.shape)}")
-        if cond_mask.shape != cond.shape[:2] or cond_mask.dtype != torch.bool:
-            raise ValueError(f"text_mask must be bool of shape {tuple(cond.shape[:2])} (matching text), "
-                             f"got {cond_mask.dtype} {tuple(cond_mask.shape)}")
+        check_conditioning(cfg, b, cond, cond_mask)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
                 cond_mask: torch.Tensor | None = None, *, drop: torch.Tensor | None = None) -> torch.Tensor:

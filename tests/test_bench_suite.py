@@ -119,7 +119,8 @@ def test_model_targets_report_the_analytic_cfg_floor() -> None:
     ms = 50.8
     rows = [Row("model", "cfg-step t2i-1b", "", "eager", ms, tflops=fl / (ms * 1e-3) / 1e12),
             Row("model", "train dit-xl-2", "", "eager", 160.0),
-            Row("model", "train dit-xl-2", "", "triton", 100.0)]
+            Row("model", "train dit-xl-2", "", "triton", 100.0),
+            Row("model", "train dit-xl-2", "", "compile", 105.0)]
     tg = bench_model.targets(rows, roof_tflops=700.0)
     cfg = tg["cfg-step t2i-1b [eager] <= 25 ms"]
     assert cfg["met"] is False and cfg["value"] == ms
@@ -127,5 +128,6 @@ def test_model_targets_report_the_analytic_cfg_floor() -> None:
     assert cfg["pct_of_roof_needed_for_25ms"] == pytest.approx(100 * fl / 25e-3 / 700e12)
     assert 20 < cfg["floor_ms_at_roof"] < 25  # t2i-1b: ~15.7 TFLOP per CFG step
     assert tg["train dit-xl-2: triton / eager img/s >= 1.3"] == {"value": 1.6, "met": True}
+    assert tg["train dit-xl-2: triton / compile img/s >= 1.1"] == {"value": 1.05, "met": False}
     assert tg["train dit-xl-2: triton+compile / compile img/s >= 1.1"] is None
     assert "floor_ms_at_roof" not in bench_model.targets(rows)["cfg-step t2i-1b [eager] <= 25 ms"]

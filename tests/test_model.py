@@ -320,10 +320,17 @@ def test_sample_keeps_edit_region_exactly(task: str) -> None:
     x0 = torch.randn(2, 4, 8, 8)
     edit = make_edit_batch(x0, task, torch.Generator().manual_seed(5))
     _, _, text, mask = model.example_inputs(2)
-    out = sample(model, text=text, text_mask=mask, steps=3, cfg_scale=2.0, **edit)
+    out = sample(model, text=text, text_mask=mask, steps=3, cfg_scale=2.0,
+                 generator=torch.Generator().manual_seed(1), **edit)
     keep = (edit["edit_mask"] < 0.5).expand_as(out)
     assert torch.equal(out[keep], x0[keep])
     assert not torch.allclose(out[~keep], x0[~keep])
+    # an unmasked source ("AI Erase": the whole image) and a soft mask mean the same edit:
+    # the sampler masks the source and binarizes the mask itself
+    soft = edit["edit_mask"] * 0.6 + 0.2  # 0 -> 0.2 (keep), 1 -> 0.8 (regenerate)
+    again = sample(model, text=text, text_mask=mask, steps=3, cfg_scale=2.0,
+                   generator=torch.Generator().manual_seed(1), edit_source=x0, edit_mask=soft)
+    assert torch.equal(again, out)
 
 
 # ----------------------------------------------------------------------------- edit masks
@@ -403,3 +410,23 @@ def test_bad_inputs_raise_clear_errors() -> None:
         sample(model, steps=2)
     with pytest.raises(ValueError, match="edit_source and edit_mask must both be given"):
         sample(edit, text=text, text_mask=mask, steps=2)
+    src, m = torch.randn(2, 4, 8, 8), (torch.rand(2, 1, 8, 8) < 0.5).float()
+    with pytest.raises(ValueError, match="must be given together; got only edit_mask"):
+        sample(edit, text=text, text_mask=mask, steps=2, edit_mask=m)
+    with pytest.raises(ValueError, match="edit=False: edit_source / edit_mask must not be given"):
+        sample(model, text=text, text_mask=mask, steps=2, edit_source=src)
+    with pytest.raises(ValueError, match="must be given together; got only edit_source"):
+        flow_matching_loss(edit, {"latents": x, "text": text, "text_mask": mask, "edit_source": src})
+    with pytest.raises(ValueError, match="edit=False"):
+        flow_matching_loss(model, {"latents": x, "text": text, "text_mask": mask, "edit_source": src, "edit_mask": m})
+    with pytest.raises(ValueError, match="edits need noise="):
+        make_step(edit, (text, mask), edit_source=src, edit_mask=m)
+    with pytest.raises(ValueError, match="height/width 16x8 disagree with the latent size 8x8"):
+        sample(model, text=text, text_mask=mask, steps=1, noise=torch.randn(2, 4, 8, 8), height=16)
+    # conditioning is checked on the caller's batch, not the doubled CFG batch inside the step
+    with pytest.raises(ValueError, match=r"text_mask must be bool of shape \(2, 8\)"):
+        sample(model, text=text, text_mask=mask[:1], steps=1)
+    with pytest.raises(ValueError, match=r"labels must be int64 of shape \(2,\)"):
+        sample(cls, labels=torch.rand(2), steps=1)
+    with pytest.raises(ValueError, match="mlp_ratio 0 gives an MLP width of 0"):
+        get_config("tiny", mlp_ratio=0)

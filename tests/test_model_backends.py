@@ -64,6 +64,28 @@ def test_backends_agree_fwd_and_grads(case: str, backend: str, attention: str | 
         assert max_err(tri_grads[name], g) <= 2 * max_err(torch_grads[name], g) + atol, name
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_padded_text_is_ignored_and_every_parameter_learns(backend: str) -> None:
+    """Padded text tokens (mask False) change neither the output nor any gradient (cross-
+    attention key mask and masked mean pool), and every parameter, the QK-RMSNorm weights
+    included, gets a non-zero gradient: a path silently skipped on both backends (which the
+    agreement test cannot see) shows up here."""
+    model = randomize(DiT(get_config("tiny", depth=1)), std=0.2).set_backend(backend)
+    x, t, text, _ = model.example_inputs(2, height=8, width=6, text_len=7)
+    mask = torch.arange(7)[None] < torch.tensor([[3], [6]])  # 4 and 1 padded tokens
+    noisy = torch.where(mask[..., None], text, 50 * torch.randn_like(text))
+    probe = torch.randn(2, model.config.latent_channels, 8, 6)
+    out, grads = run(model, (x, t, text, mask), probe)
+    out_noisy, grads_noisy = run(model, (x, t, noisy, mask), probe)
+    torch.testing.assert_close(out_noisy, out, rtol=0, atol=1e-6)
+    # all but the null text embedding, which only the dropped (CFG) samples use
+    assert set(grads_noisy) == set(grads) == {n for n, _ in model.named_parameters()} - {"text_embedder.null_text"}
+    for n, g in grads.items():
+        torch.testing.assert_close(grads_noisy[n], g, rtol=1e-5, atol=1e-6, msg=n)
+        assert g.abs().max() > 0, f"{n} gets no gradient on the {backend} backend"
+    assert any("qk_norm" in n for n in grads)
+
+
 def test_per_op_backend_switch() -> None:
     """``attention`` follows ``backend`` unless set; the choice shows in repr; bad names refused."""
     model = DiT("tiny", backend="triton", attention_backend="torch")
