@@ -454,10 +454,11 @@ def _resources(kernel: Any) -> dict[str, Any]:
     return out
 
 
-def compile_check(head_dims: tuple[int, ...] = (64, 72, 96, 128)) -> list[dict[str, Any]]:
+def compile_check(head_dims: tuple[int, ...] = (64, 72, 96, 128), row64: bool = False) -> list[dict[str, Any]]:
     """Compile every curated config of each kernel (bf16, with and without key mask) for
     sm_90 with ``triton.compile``: runs on a CPU-only machine (Triton ships ptxas). Configs
-    the launcher would prune (shared memory / register estimate) are skipped."""
+    the launcher would prune (shared memory / register estimate) are skipped. ``row64``:
+    the int64-index variant (tensors past 2**31 elements)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -469,7 +470,7 @@ def compile_check(head_dims: tuple[int, ...] = (64, 72, 96, 128)) -> list[dict[s
             meta = mod._head_meta(d)
             cols = meta["BLOCK_D0"] + (meta["BLOCK_D1"] if meta["SPLIT"] else 0)
             const = {k: v for k, v in meta.items() if k != "HEAD_DIM"}
-            const.update(HAS_MASK=has_mask, INTERPRET=False, IEEE=False, ALIGN=8)
+            const.update(HAS_MASK=has_mask, INTERPRET=False, IEEE=False, ALIGN=8, ROW64=row64)
             if kind == "dq":
                 const["HAS_GLSE"] = False
             for cfg in mod._configs(kind, "curated"):

@@ -14,6 +14,7 @@ in CI. Three traps are handled here once instead of in every kernel file:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -152,6 +153,12 @@ def align_hint(*values: int, cap: int) -> int:
     vectors where a stride like 72 would otherwise give 2-byte loads."""
     g = math.gcd(*values) if values else 0
     return min(cap, g & -g) if g else cap
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current around a launch: Triton launches on the *current* CUDA device,
+    so tensors on cuda:1 while cuda:0 is current would otherwise run on the wrong GPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def next_power_of_2(n: int) -> int:

@@ -102,6 +102,7 @@ from ditperf.kernels._common import (
     align_hint,
     autotune,
     check_tensor,
+    device_guard,
     dot,
     eager_fast_path,
     next_power_of_2,
@@ -165,6 +166,7 @@ if SPLIT_MIN not in (16, 32, 64):
 AUTOTUNE: str = os.environ.get("DITPERF_ATTN_AUTOTUNE", "curated")
 
 _MIN_D, _MAX_D = 8, 128
+_MAX_GRID_YZ = 65535  # CUDA's limit on grid dimensions y and z (heads, batch)
 # Lengths and D are runtime values that are not specialized on (divisibility by 16, == 1):
 # one compilation per config serves every sequence length (and every D that maps to the
 # same head-dim tiles), which keeps GPU compile and autotuning time down.
@@ -184,6 +186,11 @@ def _mma(a, b, acc, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
             return tl.dot(a, b, acc)  # the interpreter's fp32 dot is exact already
         return tl.dot(a, b, acc, input_precision="ieee")
     return dot(a, b, acc, INTERPRET)
+
+
+@triton.jit
+def _to_i64(a, b, c):
+    return a.to(tl.int64), b.to(tl.int64), c.to(tl.int64)
 
 
 @triton.jit
@@ -301,11 +308,16 @@ def _fwd_kernel_body(
     HEAD_DIM, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT: tl.constexpr,
     MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_MASK: tl.constexpr,
     INTERPRET: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, ROW64: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
+    if ROW64:  # offsets reach 2**31 elements (see _needs_row64): 64-bit index math
+        stride_qb, stride_qh, stride_qn = _to_i64(stride_qb, stride_qh, stride_qn)
+        stride_kb, stride_kh, stride_kn = _to_i64(stride_kb, stride_kh, stride_kn)
+        stride_vb, stride_vh, stride_vn = _to_i64(stride_vb, stride_vh, stride_vn)
+        stride_ob, stride_oh, stride_on = _to_i64(stride_ob, stride_oh, stride_on)
     q_base = Q + off_b * (stride_qb * ALIGN) + off_h * (stride_qh * ALIGN)
     k_base = K + off_b * (stride_kb * ALIGN) + off_h * (stride_kh * ALIGN)
     v_base = V + off_b * (stride_vb * ALIGN) + off_h * (stride_vh * ALIGN)
@@ -413,11 +425,18 @@ def _bwd_dq_kernel_body(
     HEAD_DIM, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT: tl.constexpr,
     MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GLSE: tl.constexpr,
     INTERPRET: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, ROW64: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
+    if ROW64:  # offsets reach 2**31 elements (see _needs_row64): 64-bit index math
+        stride_qb, stride_qh, stride_qn = _to_i64(stride_qb, stride_qh, stride_qn)
+        stride_kb, stride_kh, stride_kn = _to_i64(stride_kb, stride_kh, stride_kn)
+        stride_vb, stride_vh, stride_vn = _to_i64(stride_vb, stride_vh, stride_vn)
+        stride_ob, stride_oh, stride_on = _to_i64(stride_ob, stride_oh, stride_on)
+        stride_dob, stride_doh, stride_don = _to_i64(stride_dob, stride_doh, stride_don)
+        stride_dqb, stride_dqh, stride_dqn = _to_i64(stride_dqb, stride_dqh, stride_dqn)
     q_base = Q + off_b * (stride_qb * ALIGN) + off_h * (stride_qh * ALIGN)
     k_base = K + off_b * (stride_kb * ALIGN) + off_h * (stride_kh * ALIGN)
     v_base = V + off_b * (stride_vb * ALIGN) + off_h * (stride_vh * ALIGN)
@@ -516,11 +535,18 @@ def _bwd_dkdv_kernel_body(
     HEAD_DIM, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT: tl.constexpr,
     MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_MASK: tl.constexpr,
     INTERPRET: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, ROW64: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
+    if ROW64:  # offsets reach 2**31 elements (see _needs_row64): 64-bit index math
+        stride_qb, stride_qh, stride_qn = _to_i64(stride_qb, stride_qh, stride_qn)
+        stride_kb, stride_kh, stride_kn = _to_i64(stride_kb, stride_kh, stride_kn)
+        stride_vb, stride_vh, stride_vn = _to_i64(stride_vb, stride_vh, stride_vn)
+        stride_dob, stride_doh, stride_don = _to_i64(stride_dob, stride_doh, stride_don)
+        stride_dkb, stride_dkh, stride_dkn = _to_i64(stride_dkb, stride_dkh, stride_dkn)
+        stride_dvb, stride_dvh, stride_dvn = _to_i64(stride_dvb, stride_dvh, stride_dvn)
     q_base = Q + off_b * (stride_qb * ALIGN) + off_h * (stride_qh * ALIGN)
     k_base = K + off_b * (stride_kb * ALIGN) + off_h * (stride_kh * ALIGN)
     v_base = V + off_b * (stride_vb * ALIGN) + off_h * (stride_vh * ALIGN)
@@ -602,6 +628,7 @@ _CURATED_WIDE: dict[str, list[tuple[int, int, int, int]]] = {
     "dkdv": [(64, 128, 3, 8), (64, 128, 2, 8), (64, 64, 3, 4), (64, 64, 4, 4)],
 }
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=1)
+_MAX_BLOCK = 128  # the largest BLOCK_M / BLOCK_N any config uses (rows a tail tile may address)
 # fp32 inputs on a GPU (IEEE dots on CUDA cores, meant for tests): one small config for every
 # kind, never tuned and not subject to DITPERF_ATTN_CONFIGS. The curated 128x128 tiles took
 # minutes to compile in fp32 (kilobytes of spills); these tiles stay far below the register
@@ -814,6 +841,20 @@ def _mask_args(key_mask: torch.Tensor | None,
     return km, km.stride(0), km.stride(1)
 
 
+def _needs_row64(*tensors: torch.Tensor) -> bool:
+    """True when an index the kernels compute (in int32 by default) can reach 2**31
+    elements: a batch/head/row stride that large, or a (batch, head) slice whose rows,
+    padded to the largest block, span that far (e.g. a packed qkv view at very long N).
+    The kernels then do their stride arithmetic in int64 (constexpr ROW64)."""
+    limit = 2**31
+    for t in tensors:
+        if any(s >= limit for s in t.stride()[:3]):
+            return True
+        if (t.shape[2] + _MAX_BLOCK) * t.stride(2) + t.shape[3] >= limit:
+            return True
+    return False
+
+
 def _strides3(t: torch.Tensor, align: int) -> tuple[int, int, int]:
     """Batch, head and row strides in units of ``align`` elements (the kernels multiply back)."""
     return t.stride(0) // align, t.stride(1) // align, t.stride(2) // align
@@ -845,9 +886,10 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.
     args = (q, k, v, km, out, lse,
             *_strides3(q, a), *_strides3(k, a), *_strides3(v, a), smb, smn, *_strides3(out, a),
             h, nq, nk, scale * _LOG2E, _bucket(nq), _bucket(nk))
-    _launch("fwd", grid, args, {"HAS_MASK": key_mask is not None, "INTERPRET": INTERPRET,
-                                "IEEE": q.dtype == torch.float32, **_head_meta(d),
-                                "ALIGN": a})
+    with device_guard(q.device):
+        _launch("fwd", grid, args, {"HAS_MASK": key_mask is not None, "INTERPRET": INTERPRET,
+                                    "IEEE": q.dtype == torch.float32, **_head_meta(d),
+                                    "ALIGN": a, "ROW64": _needs_row64(q, k, v, out)})
     return out, lse
 
 
@@ -865,7 +907,7 @@ def _backward(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Te
     a = _align(d, q, k, v, out, grad_out, dq, dk, dv)
     common = {"HAS_MASK": key_mask is not None, "INTERPRET": INTERPRET,
               "IEEE": q.dtype == torch.float32,
-              **_head_meta(d), "ALIGN": a}
+              **_head_meta(d), "ALIGN": a, "ROW64": _needs_row64(q, k, v, out, grad_out, dq, dk, dv)}
     glse = grad_lse if grad_lse is not None else lse
 
     def grid_q(meta: dict[str, Any]) -> tuple[int, int, int]:
@@ -878,12 +920,13 @@ def _backward(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Te
                *_strides3(q, a), *_strides3(k, a), *_strides3(v, a), smb, smn, *_strides3(out, a),
                *_strides3(grad_out, a), *_strides3(dq, a),
                h, nq, nk, scale * _LOG2E, scale, _bucket(nq), _bucket(nk))
-    _launch("dq", grid_q, dq_args, {"HAS_GLSE": grad_lse is not None, **common})
     dkdv_args = (q, k, v, km, grad_out, dk, dv, lse, delta,
                  *_strides3(q, a), *_strides3(k, a), *_strides3(v, a), smb, smn, *_strides3(grad_out, a),
                  *_strides3(dk, a), *_strides3(dv, a),
                  h, nq, nk, scale * _LOG2E, scale, _bucket(nq), _bucket(nk))
-    _launch("dkdv", grid_k, dkdv_args, common)
+    with device_guard(q.device):
+        _launch("dq", grid_q, dq_args, {"HAS_GLSE": grad_lse is not None, **common})
+        _launch("dkdv", grid_k, dkdv_args, common)
     return dq, dk, dv
 
 
@@ -926,9 +969,12 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: t
     if key_mask is not None:
         check_tensor("key_mask", key_mask, dtype=None, last_dim_contiguous=False)
         if key_mask.dtype != torch.bool:
-            raise TypeError(f"key_mask has dtype {key_mask.dtype}; expected torch.bool "
-                            "(True = real key)")
+            raise ValueError(f"key_mask has dtype {key_mask.dtype}; expected torch.bool "
+                             "(True = real key)")
         check_tensor("key_mask", key_mask, shape=(b, k.shape[2]), last_dim_contiguous=False)
+    if b > _MAX_GRID_YZ or h > _MAX_GRID_YZ:  # grid (query blocks, H, B): CUDA caps y and z
+        raise ValueError(f"batch {b} x heads {h}: each must be <= {_MAX_GRID_YZ} (CUDA grid limit); "
+                         "call attention on chunks of the batch")
     tensors = [("q", q), ("k", k), ("v", v)]
     if key_mask is not None:
         tensors.append(("key_mask", key_mask))
@@ -976,6 +1022,12 @@ def _attention_bwd_op(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: 
                       k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                       key_mask: torch.Tensor | None, scale: float
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # a direct call of the op gets the forward's checks too (autograd's own calls pass the
+    # tensors the forward validated and saved; the eager fast path skips this)
+    _check_inputs(q, k, v, key_mask, scale)
+    require_kernel_device(("q", q), ("k", k), ("v", v), ("out", out))
+    check_tensor("out", out, shape=(*q.shape[:3], v.shape[3]), dtype=q.dtype,
+                 last_dim_contiguous=out.numel() > 0)
     return _attention_bwd_impl(grad_out, grad_lse, q, k, v, out, lse, key_mask, scale)
 
 

@@ -75,7 +75,6 @@ Registers (ptxas -v, sm_90, bf16): forward 40-96; backward 100-255 for the candi
 # No ``from __future__ import annotations`` here: the triton 3.3 interpreter recognizes
 # constexpr parameters only from a real ``tl.constexpr`` annotation (a string annotation turns
 # them into runtime arrays: slower, and numpy >= 2.4 rejects them as loop bounds).
-import contextlib
 import functools
 import math
 import numbers
@@ -91,6 +90,7 @@ from ditperf.kernels._common import (
     align_hint,
     autotune,
     check_tensor,
+    device_guard,
     eager_fast_path,
     next_power_of_2,
     num_sms,
@@ -523,10 +523,6 @@ def _bwd_programs(groups: int, G: int, progs: int, n_sm: int, min_rows: int) -> 
     return max(1, min(triton.cdiv(progs * n_sm, groups), triton.cdiv(G, min_rows)))
 
 
-def _device_ctx(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 # --------------------------------------------------------------------------------------
 # Row layout: leading dims -> flat rows over (R0, R1, R2) with per-tensor strides
 # --------------------------------------------------------------------------------------
@@ -689,7 +685,7 @@ def _norm_fwd(x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None
     def grid(meta):
         return (groups * triton.cdiv(G, meta["ROWS"]),)
 
-    with _device_ctx(x.device):
+    with device_guard(x.device):
         kernel[grid](
             x, y, gate, weight, bias, shift, scale, out, xnew,
             G, sizes[1], sizes[2], C, *sx, *sy, *so, *sn, _s(gate), _s(shift), _s(scale), eps,
@@ -755,7 +751,7 @@ def _norm_bwd(dh: torch.Tensor, x: torch.Tensor, dxn: torch.Tensor | None, y: to
     if INTERPRET:
         P = _bwd_programs(groups, G, _INTERP_PROGS, n_sm, min_rows)
         static_iters = triton.cdiv(triton.cdiv(G, P), min_rows)
-    with _device_ctx(x.device):
+    with device_guard(x.device):
         kernel[grid](
             x, dh, dxn, y, gate, weight, bias, scale, dx, dy,
             pw, pb, psh, psc, pg,
