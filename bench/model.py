@@ -18,6 +18,9 @@ Cases (each a group of rows, one per provider; baseline: ``eager``):
 * ``cfg-step t2i-1b``: one denoising step at 1024px with classifier-free guidance (one
   image: the model runs on batch 2 = cond + uncond), bf16 weights, ``torch.no_grad``.
 * ``sample-20 t2i-1b``: 20 Euler steps with CFG (one image), same setup.
+* both again as ``<provider>+cudagraph`` rows (GPU, eager and triton): the step captured
+  once as a CUDA graph (``ditperf.model.cuda_graph_step``) and replayed: the GPU's time
+  without the host's launch overhead, as an inference server would run it.
 
 Providers: ``eager`` (torch backend), ``compile`` (torch backend + torch.compile),
 ``triton`` (ditperf.kernels backend), ``triton-norms+sdpa`` (ditperf's norms, SDPA attention:
@@ -294,6 +297,8 @@ def _infer_cases(name: str, providers: list[str], device: torch.device, quick: b
                 rows.append(Row(BENCH, case, shape, provider, ms, tflops=sample_steps * fl / (ms * 1e-3) / 1e12,
                                 extra={"steps": sample_steps}))
                 print(f"  {provider}: {sample_steps}-step sampling {ms:.0f} ms", flush=True)
+                if device.type == "cuda" and "compile" not in provider:
+                    rows += _graph_rows(step, x, grid, provider, shape, fl, suffix, quick, cfg.name)
         except Exception as exc:  # noqa: BLE001
             rows.append(_error_row(case, shape, provider, exc))
             traceback.print_exc(limit=3)
@@ -302,6 +307,44 @@ def _infer_cases(name: str, providers: list[str], device: torch.device, quick: b
     model.set_backend("torch")
     del model
     _free()
+    return rows
+
+
+def _graph_rows(step: Callable, x: torch.Tensor, grid: torch.Tensor, provider: str, shape: str,
+                fl: float, suffix: str, quick: bool, name: str) -> list[Row]:
+    """The CFG step as one CUDA-graph replay (``ditperf.model.cuda_graph_step``: no host
+    launch overhead) and ``len(grid) - 1`` such steps back to back (sampling with a graph
+    captured once, as a server keeps it). Rows ``<provider>+cudagraph``."""
+    from ditperf.model import cuda_graph_step
+
+    prov = f"{provider}+cudagraph"
+    rows: list[Row] = []
+    try:
+        graphed = cuda_graph_step(step)
+        t0 = time.perf_counter()
+        graphed(x, grid[0], grid[1])  # warm-up + capture
+        _sync()
+        capture_s = time.perf_counter() - t0
+        ms = _time_loop(functools.partial(graphed, x, grid[0], grid[1]), 2, 10 if quick else 30)
+        tflops = fl / (ms * 1e-3) / 1e12
+        rows.append(Row(BENCH, f"cfg-step {name}{suffix}", shape, prov, ms, tflops=tflops,
+                        extra={"capture_s": capture_s, "mfu_vs_datasheet_989": tflops / DATASHEET_TFLOPS}))
+        print(f"  {prov}: cfg step {ms:.2f} ms ({tflops:.0f} TFLOP/s; capture {capture_s:.1f} s)", flush=True)
+        steps = len(grid) - 1
+
+        def run_all() -> torch.Tensor:
+            y = x
+            for i in range(steps):
+                y = graphed(y, grid[i], grid[i + 1])
+            return y
+
+        ms = _time_loop(run_all, 1, 1 if quick else 3)
+        rows.append(Row(BENCH, f"sample-{steps} {name}{suffix}", shape, prov, ms,
+                        tflops=steps * fl / (ms * 1e-3) / 1e12, extra={"steps": steps}))
+        print(f"  {prov}: {steps}-step sampling {ms:.0f} ms", flush=True)
+    except Exception as exc:  # noqa: BLE001 - a capture failure is a row, not the end of the case
+        rows.append(_error_row(f"cfg-step {name}{suffix}", shape, prov, exc))
+        traceback.print_exc(limit=3)
     return rows
 
 

@@ -7,6 +7,7 @@ Public API::
     v = model(*model.example_inputs(2))           # (x, t, cond[, cond_mask]) -> velocity
     loss = flow_matching_loss(model, batch, generator=g, cond_dropout=0.1)
     latents = sample(model, text=emb, text_mask=mask, steps=20, cfg_scale=4.0)
+    latents = sample(..., step_fn=cuda_graph_step)  # GPU: each step one CUDA-graph replay
 
 See :mod:`ditperf.model.dit` for the forward contract and :mod:`ditperf.model.diffusion`
 for the batch contract.
@@ -14,6 +15,7 @@ for the batch contract.
 
 from ditperf.model.config import PRESETS, DiTConfig, get_config
 from ditperf.model.diffusion import (
+    cuda_graph_step,
     flow_matching_loss,
     interpolate,
     logit_normal_timesteps,
@@ -32,6 +34,7 @@ __all__ = [
     "PRESETS",
     "DiT",
     "DiTConfig",
+    "cuda_graph_step",
     "edit_model_input",
     "flops",
     "flow_matching_loss",

@@ -45,6 +45,7 @@ from ditperf.model.dit import DiT, check_conditioning
 from ditperf.model.edit import edit_model_input, make_edit_batch
 
 Cond = tuple[torch.Tensor, ...]
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, t_next) -> x_next
 
 
 def _gen_device(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
@@ -153,7 +154,7 @@ def flow_matching_loss(model: DiT, batch: dict[str, torch.Tensor], *,
 
 def make_step(model: DiT, cond: Cond, *, cfg_scale: float = 4.0, null_cond: Cond | None = None,
               edit_source: torch.Tensor | None = None, edit_mask: torch.Tensor | None = None,
-              noise: torch.Tensor | None = None) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+              noise: torch.Tensor | None = None) -> StepFn:
     """``step(x, t, t_next) -> x_next``: one Euler step with CFG (when cfg_scale != 1) and,
     for edits, the kept region re-imposed at noise level t_next from the initial ``noise``
     (exactly ``edit_source`` at t_next = 0). t, t_next: 0-d float tensors. Static shapes,
@@ -201,6 +202,45 @@ def make_step(model: DiT, cond: Cond, *, cfg_scale: float = 4.0, null_cond: Cond
     return step
 
 
+def cuda_graph_step(step: StepFn, *, warmup: int = 3) -> StepFn:
+    """Run a :func:`make_step` step as one captured CUDA graph (inference, no autograd).
+
+    The first call warms ``step`` up on a side stream (Triton autotuning, cuBLAS/cuDNN
+    selection, lazy allocations happen there, not in the graph), then captures it with
+    static copies of (x, t, t_next); every call copies its inputs into those buffers and
+    replays the graph: one launch instead of hundreds, so the step's time is the GPU's, not
+    the host's. Shapes, dtypes and the device must stay those of the first call (a new
+    wrapper per shape). Returns a fresh tensor each call. Use as
+    ``sample(..., step_fn=cuda_graph_step)``."""
+    state: dict[str, object] = {}
+
+    def run(x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda":
+            raise ValueError(f"cuda_graph_step needs CUDA tensors (CUDA graphs); x is on {x.device}")
+        key = tuple((tuple(a.shape), a.dtype, a.device) for a in (x, t, t_next))
+        if "graph" not in state:
+            static = [a.clone() for a in (x, t, t_next)]
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.no_grad(), torch.cuda.stream(side):
+                for _ in range(warmup):
+                    step(*static)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(graph):
+                out = step(*static)
+            state.update(graph=graph, inputs=static, out=out, key=key)
+        elif key != state["key"]:
+            raise ValueError(f"cuda_graph_step captured (shape, dtype, device) of x, t, t_next = {state['key']}; "
+                             f"got {key}: make a new wrapper for new shapes")
+        for buf, val in zip(state["inputs"], (x, t, t_next)):  # type: ignore[arg-type]
+            buf.copy_(val)
+        state["graph"].replay()  # type: ignore[union-attr]
+        return state["out"].clone()  # type: ignore[union-attr]
+
+    return run
+
+
 @torch.no_grad()
 def sample(model: DiT, cond: Cond | None = None, *, labels: torch.Tensor | None = None,
            text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
@@ -216,7 +256,7 @@ def sample(model: DiT, cond: Cond | None = None, *, labels: torch.Tensor | None 
     from ``noise``, ``edit_source`` or (height, width, default: the config's latent size).
     Edit configs need ``edit_source`` (B, C, H, W) and ``edit_mask`` (B, 1, H, W); the kept
     region (mask 0) of the result equals ``edit_source`` exactly. ``step_fn`` wraps the
-    step function (e.g. ``torch.compile``).
+    step function (e.g. ``torch.compile``, or :func:`cuda_graph_step` on a GPU).
     """
     cfg = model.config
     if cond is None:

@@ -185,3 +185,34 @@ def test_backends_agree_bf16_autocast_cuda(name: str, overrides: dict, attention
     assert set(tri_grads) == set(ref_grads)
     for n, g in ref_grads.items():
         assert _rel_l2(tri_grads[n], g) <= 2 * _rel_l2(torch_grads[n], g) + 1e-2, n
+
+
+def test_cuda_graph_step_refuses_cpu_tensors() -> None:
+    from ditperf.model import cuda_graph_step, make_step
+
+    model = DiT("tiny")
+    _, _, text, mask = model.example_inputs(1)
+    step = cuda_graph_step(make_step(model, (text, mask)))
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        step(torch.randn(1, 4, 8, 8), torch.tensor(0.5), torch.tensor(0.25))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_graph_step_matches_eager_sampling(backend: str) -> None:
+    """A CFG step captured as one CUDA graph (both backends: the Triton kernels autotune in
+    the warm-up, outside the capture) gives the eager step's result; a shape change is refused."""
+    from ditperf.model import cuda_graph_step, make_step, sample
+
+    dev = torch.device("cuda")
+    model = randomize(DiT(get_config("tiny", latent_size=(16, 24))).to(dev), std=0.1).set_backend(backend)
+    _, _, text, mask = model.example_inputs(2, device=dev)
+    noise = torch.randn(2, 4, 16, 24, device=dev)
+    plain = sample(model, text=text, text_mask=mask, steps=4, noise=noise)
+    graphed = sample(model, text=text, text_mask=mask, steps=4, noise=noise, step_fn=cuda_graph_step)
+    torch.testing.assert_close(graphed, plain, rtol=1e-5, atol=1e-5)
+    step = cuda_graph_step(make_step(model, (text, mask)))
+    with torch.no_grad():
+        step(noise, torch.tensor(0.5, device=dev), torch.tensor(0.25, device=dev))
+        with pytest.raises(ValueError, match="make a new wrapper"):
+            step(noise[:, :, :8], torch.tensor(0.5, device=dev), torch.tensor(0.25, device=dev))
