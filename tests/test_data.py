@@ -107,18 +107,51 @@ def test_remote_dataset_through_local_cache(tiny_ds: Path, tmp_path: Path) -> No
         D.build_dataset(tmp_path / "c2", remote=str(tmp_path / "nowhere"), batch_size=4)
 
 
+def _flip_byte(path: Path) -> bytes:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return bytes(raw)
+
+
 def test_corrupt_shard_hash_mismatch_names_file(tiny_ds: Path, tmp_path: Path) -> None:
     root = copy_ds(tiny_ds, tmp_path / "ds")
-    shard = _shards(root)[0]
-    raw = bytearray(shard.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    shard.write_bytes(bytes(raw))
+    zipped = root / "8x8" / "shard.00000.mds.zstd"
+    (root / "8x8" / "shard.00000.mds").unlink(missing_ok=True)  # decompressed copy from earlier reads
+    flipped = _flip_byte(zipped)
+    for mode in ("hashes", "auto", "size"):  # not decompressed yet: hash-checked in every mode
+        with pytest.raises(D.DataError, match=f"corrupt shard {zipped}.*hash mismatch"):
+            D.verify_dataset(root, mode=mode)
+    D.verify_dataset(root, mode="size", hash_compressed=False)  # the other ranks of a run
+    D.verify_dataset(root, mode="none")
+    assert zipped.read_bytes() == flipped  # nothing is deleted or rewritten
+    # a decompressed shard: sizes only in "size" mode (large datasets), hashes otherwise
+    root2 = copy_ds(tiny_ds, tmp_path / "ds2")
+    list(D.iter_samples(root2))  # Streaming decompresses every shard
+    shard = root2 / "8x8" / "shard.00000.mds"
+    _flip_byte(shard)
     with pytest.raises(D.DataError, match=f"corrupt shard {shard}.*hash mismatch"):
-        D.verify_dataset(root, mode="hashes")
-    with pytest.raises(D.DataError, match="corrupt shard"):
-        D.verify_dataset(root, mode="auto")
-    D.verify_dataset(root, mode="size")  # same size: only a hash check sees it
-    assert shard.read_bytes() == bytes(raw)  # nothing is deleted or rewritten
+        D.verify_dataset(root2, mode="auto")
+    D.verify_dataset(root2, mode="size")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_shard_found_while_reading_stops_with_its_name(tiny_ds: Path, tmp_path: Path,
+                                                               workers: int) -> None:
+    """A shard that fails Streaming's hash check while the loader decompresses it (no
+    pre-flight check: data.verify=none, or a remote dataset) is a DataError naming it,
+    from the main process and from a worker alike; Streaming alone left the shard
+    "preparing" and the run stalled."""
+    root = copy_ds(tiny_ds, tmp_path / "ds")
+    for zipped in root.glob("*/shard.*.mds.zstd"):
+        zipped.with_suffix("").unlink(missing_ok=True)
+        _flip_byte(zipped)
+    ds = D.build_dataset(root, batch_size=4, shuffle=True, shuffle_seed=1)
+    loader = D.build_dataloader(ds, batch_size=4, num_workers=workers)
+    if workers:
+        loader.timeout = 120  # a stall fails the test instead of hanging it
+    with pytest.raises(D.DataError, match=r"cannot read shard .*shard.00000.mds.zstd.*Checksum failure"):
+        list(loader)
 
 
 def test_missing_shard_and_truncated_shard(tiny_ds: Path, tmp_path: Path) -> None:
@@ -132,7 +165,14 @@ def test_missing_shard_and_truncated_shard(tiny_ds: Path, tmp_path: Path) -> Non
     shard.unlink()
     with pytest.raises(D.DataError, match=f"shard file missing: {shard}"):
         D.verify_dataset(root, mode="size")
-    (root / "8x8" / "index.json").unlink()
+    index = root / "8x8" / "index.json"
+    doc = json.loads(index.read_text())
+    for broken, what in (([doc], "expected an object"), ({"shards": [dict(doc["shards"][0], raw_data=None)]}, "TypeError"),
+                         ({"shards": [dict(doc["shards"][0], samples="twelve")]}, "ValueError")):
+        index.write_text(json.dumps(broken))
+        with pytest.raises(D.DataError, match=f"{index}: malformed index file.*{what}"):
+            D.verify_dataset(root, mode="size")
+    index.unlink()
     with pytest.raises(D.DataError, match="bucket 8x8 has no index file"):
         D.verify_dataset(root)
 

@@ -146,6 +146,16 @@ def _train(args: argparse.Namespace) -> int:
     return run_training(cfg)
 
 
+def _worker_message(text: str) -> str:
+    """A DataLoader worker's error re-raised in the main process carries the worker's whole
+    traceback in its message ("Caught DataError in DataLoader worker process 0. Original
+    Traceback ..."): keep the error's own last line."""
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    return "(data loader worker) " + last.split("Error: ", 1)[-1]
+
+
 def run_training(cfg: dict[str, Any]) -> int:
     from ditperf.trainer import config as C
     from ditperf.trainer import data as D
@@ -154,7 +164,7 @@ def run_training(cfg: dict[str, Any]) -> int:
     try:
         T.train(cfg)
     except (C.ConfigError, D.DataError) as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(_worker_message(str(exc))) from None
     except T.TrainingStopped as exc:
         raise UserError(str(exc), exit_code=3) from None
     return 0

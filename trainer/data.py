@@ -272,7 +272,7 @@ def _bucket_index(root: Path, bucket: Bucket) -> tuple[Path, dict[str, Any]]:
 
 
 def verify_dataset(root: str | Path, schema: DatasetSchema | None = None, mode: str = "auto",
-                   auto_hash_limit_bytes: int = 2 << 30) -> DatasetSchema:
+                   auto_hash_limit_bytes: int = 2 << 30, hash_compressed: bool = True) -> DatasetSchema:
     """Check a local dataset against its schema before training; return the schema.
 
     ``mode``: ``"none"`` (schema only), ``"size"`` (every shard listed in each bucket's
@@ -281,6 +281,9 @@ def verify_dataset(root: str | Path, schema: DatasetSchema | None = None, mode: 
     ``auto_hash_limit_bytes``, else size). Both forms of a shard are checked when present:
     Streaming decompresses ``shard.N.mds.zstd`` to ``shard.N.mds`` next to it on first read of a
     local dataset (and reads the ``.mds`` from then on); a shard is missing only when neither is.
+    Unless ``mode="none"`` or ``hash_compressed=False`` (the other ranks of a run, where rank 0
+    checks), compressed shards without their ``.mds`` are hash-checked in every mode: Streaming
+    would hash them on first read anyway, inside a loader worker.
     """
     root = Path(root)
     schema = schema or DatasetSchema.load(root)
@@ -290,43 +293,62 @@ def verify_dataset(root: str | Path, schema: DatasetSchema | None = None, mode: 
         raise DataError(f"dataset {root} is empty: {SCHEMA_FILE} lists 0 samples")
     if mode == "none":
         return schema
-    plans: list[tuple[Path, str | None, int]] = []  # (file, expected hash, expected bytes)
+    plans: list[tuple[Path, str | None, int, bool]] = []  # (file, expected hash, bytes, hash always)
     for bucket in schema.buckets:
         index_path, index = _bucket_index(root, bucket)
-        expected_cols = schema.columns(bucket)
-        n = 0
-        for shard in index.get("shards", []):
-            cols = dict(zip(shard.get("column_names", []), shard.get("column_encodings", [])))
-            for name, enc in expected_cols.items():
-                if cols.get(name) != enc:
-                    raise DataError(f"{index_path}: column {name!r} is {cols.get(name)!r} but {SCHEMA_FILE} "
-                                    f"says {enc!r} (schema mismatch)")
-            n += int(shard.get("samples", 0))
-            raw, zipped = shard.get("raw_data"), shard.get("zip_data")
-            raw_path = index_path.parent / raw["basename"]
-            zip_path = index_path.parent / zipped["basename"] if zipped else None
-            present = False
-            for path, info in ((raw_path, raw), (zip_path, zipped)):
-                if path is not None and path.is_file():
-                    plans.append((path, info.get("hashes", {}).get(HASH), int(info["bytes"])))
-                    present = True
-            if not present:
-                missing = zip_path or raw_path
-                raise DataError(f"shard file missing: {missing} (listed in {index_path}); restore it "
-                                f"or re-create bucket {bucket.name}")
+        try:
+            n = _plan_bucket(schema, bucket, index_path, index, plans)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, DataError):
+                raise
+            raise DataError(f"{index_path}: malformed index file ({type(exc).__name__}: {exc}); "
+                            f"re-create bucket {bucket.name}") from exc
         if n != bucket.samples:
             raise DataError(f"{index_path}: lists {n} samples but {SCHEMA_FILE} says bucket {bucket.name} "
                             f"has {bucket.samples} (incomplete write?)")
-    total_bytes = sum(b for _, _, b in plans)
+    total_bytes = sum(p[2] for p in plans)
     do_hash = mode == "hashes" or (mode == "auto" and total_bytes <= auto_hash_limit_bytes)
-    for path, digest, nbytes in plans:
+    for path, digest, nbytes, always in plans:
         size = path.stat().st_size
         if size != nbytes:
             raise DataError(f"corrupt shard {path}: {size} bytes on disk, index.json says {nbytes}")
-        if do_hash and digest is not None and _xxh64_file(path) != digest:
+        if (do_hash or (always and hash_compressed)) and digest is not None and _xxh64_file(path) != digest:
             raise DataError(f"corrupt shard {path}: {HASH} hash mismatch (index.json says {digest}); "
                             f"restore the file or re-create the dataset")
     return schema
+
+
+def _plan_bucket(schema: DatasetSchema, bucket: Bucket, index_path: Path, index: dict[str, Any],
+                 plans: list[tuple[Path, str | None, int, bool]]) -> int:
+    """Check one bucket's index against the schema, append its shard files to ``plans``
+    and return its sample count. A compressed shard not decompressed yet is always
+    hash-checked ("always"): Streaming hashes it when it first decompresses it anyway, but
+    inside a loader worker, where a mismatch used to stall the run instead of stopping it."""
+    expected_cols = schema.columns(bucket)
+    n = 0
+    if not isinstance(index, dict) or not isinstance(index.get("shards", []), list):
+        raise DataError(f"{index_path}: malformed index file (expected an object with a 'shards' list)")
+    for shard in index.get("shards", []):
+        cols = dict(zip(shard.get("column_names", []), shard.get("column_encodings", [])))
+        for name, enc in expected_cols.items():
+            if cols.get(name) != enc:
+                raise DataError(f"{index_path}: column {name!r} is {cols.get(name)!r} but {SCHEMA_FILE} "
+                                f"says {enc!r} (schema mismatch)")
+        n += int(shard.get("samples", 0))
+        raw, zipped = shard.get("raw_data"), shard.get("zip_data")
+        raw_path = index_path.parent / raw["basename"]
+        zip_path = index_path.parent / zipped["basename"] if zipped else None
+        present = False
+        for path, info in ((raw_path, raw), (zip_path, zipped)):
+            if path is not None and path.is_file():
+                always = path == zip_path and not raw_path.is_file()
+                plans.append((path, info.get("hashes", {}).get(HASH), int(info["bytes"]), always))
+                present = True
+        if not present:
+            missing = zip_path or raw_path
+            raise DataError(f"shard file missing: {missing} (listed in {index_path}); restore it "
+                            f"or re-create bucket {bucket.name}")
+    return n
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,6 +532,7 @@ class _OpenShard:
 
     def __init__(self, path: str, names: Sequence[str], encodings: Sequence[str],
                  sizes: Sequence[int | None], wanted: set[str]) -> None:
+        self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         (n,) = struct.unpack("<I", os.pread(self.fd, 4, 0))
         self.offsets = np.frombuffer(os.pread(self.fd, 4 * (n + 1), 4), np.uint32)
@@ -532,7 +555,8 @@ class _OpenShard:
         begin, end = int(self.offsets[idx]), int(self.offsets[idx + 1])
         buf = os.pread(self.fd, end - begin, begin)
         if len(buf) != end - begin:
-            raise DataError(f"shard truncated: sample {idx} needs bytes {begin}..{end}")
+            raise DataError(f"shard {self.path} is truncated: sample {idx} needs bytes {begin}..{end}, "
+                            f"the file has {os.fstat(self.fd).st_size}; restore it or re-create the dataset")
         var_sizes = struct.unpack_from(f"<{self.n_var}I", buf, 0) if self.n_var else ()
         off = 4 * self.n_var
         sample: dict[str, Any] = {}
@@ -609,10 +633,40 @@ def _make_dataset_class() -> type:
                 self._ditperf_maps[shard_id] = opened
             return opened.read(idx)
 
+        def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+            """Streaming's, plus a clear error naming the shard when preparing it fails
+            (hash mismatch, truncated zstd, failed download). Streaming leaves such a shard
+            in its shared PREPARING state, where every other worker waiting for it sleeps
+            forever (a stalled run): the state is put back first, so they retry, fail the
+            same way and stop too."""
+            before = self._shard_states[shard_id]
+            try:
+                super().prepare_shard(shard_id, blocking)
+            except Exception as exc:  # noqa: BLE001 - re-raised as DataError with the shard's name
+                from streaming.base.dataset import _ShardState
+
+                if self._shard_states[shard_id] == _ShardState.PREPARING and before != _ShardState.PREPARING:
+                    self._shard_states[shard_id] = before
+                reader = self.shards[shard_id]
+                where = os.path.join(reader.dirname, reader.split or "")
+                names = [info.basename for pair in reader.file_pairs for info in pair if info is not None]
+                msg = (f"cannot read shard {', '.join(names)} in {where}: {type(exc).__name__}: {exc}; "
+                       "restore the file (`ditperf data verify` checks every shard) or re-create the dataset")
+                self._ditperf_failure = msg
+                if hasattr(self, "_event"):
+                    self._event.set()  # stop Streaming's background threads
+                raise DataError(msg) from exc
+
         def get_item(self, sample_id: int, retry: int = 7) -> Any:
             sample = self._fast(sample_id)
             if sample is None:
-                full = super().get_item(sample_id, retry)
+                try:
+                    full = super().get_item(sample_id, retry)
+                except RuntimeError as exc:  # "Background thread failed": say what failed
+                    failure = getattr(self, "_ditperf_failure", None)
+                    if failure is None:
+                        raise
+                    raise DataError(failure) from exc
                 sample = {k: v for k, v in full.items() if k in self._ditperf_columns}
             sample["sample_id"] = sample_id
             if self._ditperf_edit is not None:
