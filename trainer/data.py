@@ -642,7 +642,7 @@ def _make_dataset_class() -> type:
             before = self._shard_states[shard_id]
             try:
                 super().prepare_shard(shard_id, blocking)
-            except Exception as exc:  # noqa: BLE001 - re-raised as DataError with the shard's name
+            except Exception as exc:  # re-raised as a DataError naming the shard
                 from streaming.base.dataset import _ShardState
 
                 if self._shard_states[shard_id] == _ShardState.PREPARING and before != _ShardState.PREPARING:
