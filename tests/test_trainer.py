@@ -286,6 +286,24 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data: Path, tmp_path
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def test_non_finite_parameters_stop_before_that_step_is_saved(tiny_data: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A finite loss with an infinite gradient (an overflow; or an infinite learning rate)
+    makes non-finite parameters: caught after the step, before its checkpoint."""
+    from ditperf.cli.main import main
+
+    ck = tmp_path / "ck"
+    rc = main(["train", "tiny-cpu", f"data.local={tiny_data}", "max_duration=8ba", "global_train_batch_size=4",
+               f"save_folder={ck}", "save_interval=1ba", "debug.inf_grad_at_batch=3", "data.num_workers=0",
+               *CPU, *QUIET])
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "parameters became non-finite in the optimizer step of batch 3" in err and "ep0-ba3-rank0.pt" in err
+    assert sorted(p.name for p in ck.glob("ep*.pt")) == [f"ep0-ba{i}-rank0.pt" for i in (1, 2, 3)]
+    state = _ckpt(ck / "latest-rank0.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
 def test_triton_backend_trains(tiny_data: Path, tmp_path: Path) -> None:
     """The triton backend through the real entry point, in a process that starts without
     TRITON_INTERPRET: on a CPU-only machine the trainer must turn the interpreter on before

@@ -96,6 +96,7 @@ DEFAULTS: dict[str, Any] = {
     "fsdp_version": "auto",  # auto | 1 | 2: how the fsdp section runs (auto: $FSDP_VERSION, else 1 on GPU, 2 on CPU)
     "debug": {
         "nan_at_batch": None,  # test hook: make the loss NaN at this (0-based) batch index
+        "inf_grad_at_batch": None,  # test hook: an infinite gradient (finite loss) at this batch index
         "param_digest": False,  # write <save_folder>/param_digest-rank<r>.json: param/EMA sha256, sample ids
     },
 }

@@ -37,6 +37,16 @@ class NonFiniteLossError(RuntimeError):
         self.batch, self.value = batch, value
 
 
+class NonFiniteParamsError(NonFiniteLossError):
+    """The parameters became NaN/inf in an optimizer step whose loss was finite (e.g. an
+    infinite learning rate or an overflowing update); raised before that step is saved."""
+
+    def __init__(self, batch: int) -> None:
+        RuntimeError.__init__(self, f"parameters became non-finite in the optimizer step of batch {batch} "
+                                    "(its loss was finite)")
+        self.batch, self.value = batch, float("nan")
+
+
 def is_dit_block(module: torch.nn.Module) -> bool:
     """Composer's ``fsdp_wrap_fn`` / ``activation_checkpointing_fn``: the DiT blocks."""
     return isinstance(module, DiTBlock)
@@ -131,12 +141,38 @@ class BatchIndexCallback(Callback):
         unwrap(state.model).start_batch(int(state.timestamp.batch.value))
 
 
-class NaNGuard(Callback):
-    """Stop training when the loss is not finite, *before* backward/step/checkpoint.
+def _any_flag(flag: torch.Tensor) -> bool:
+    """True when ``flag`` (float (1,)) is > 0 on any rank (one all-reduce, then one sync)."""
+    if dist.get_world_size() > 1:
+        dist.all_reduce(flag, reduce_operation="MAX")
+    return bool(flag.item() > 0)
 
-    Runs at ``AFTER_LOSS``; every rank takes part in one all-reduce so all ranks stop
-    together. The last checkpoint written (and the ``latest`` symlink) stay the last good
-    state because the failing batch never reaches ``BATCH_CHECKPOINT``.
+
+class InfGradAtBatch(Callback):
+    """Test hook (``debug.inf_grad_at_batch``): one gradient element becomes inf after the
+    backward of that batch, as an overflow would, while the loss stays finite."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = int(batch)
+
+    def after_backward(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch.value) == self.batch:
+            p = next(p for p in state.model.parameters() if p.grad is not None)
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            g.view(-1)[0] = float("inf")
+
+
+class NaNGuard(Callback):
+    """Stop training when the loss is not finite, *before* backward/step/checkpoint, and
+    when the parameters are not finite after a step, *before* that step is checkpointed.
+
+    The loss check runs at ``AFTER_LOSS``; the parameter check at ``BATCH_END`` (after the
+    optimizer step, before ``BATCH_CHECKPOINT``: a finite loss does not make a finite update,
+    e.g. with an infinite learning rate). One fused norm over this rank's parameters (or
+    shards), ~1 ms per step for 675M fp32 parameters on an H100. Every rank takes part in
+    one all-reduce per check so all ranks stop together. The last checkpoint written (and the
+    ``latest`` symlink) stay the last good state because the failing batch never reaches
+    ``BATCH_CHECKPOINT``.
     """
 
     def after_loss(self, state: State, logger: Logger) -> None:
@@ -147,7 +183,21 @@ class NaNGuard(Callback):
             loss = sum(loss)
         assert isinstance(loss, torch.Tensor)
         bad = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
-        if dist.get_world_size() > 1:
-            dist.all_reduce(bad, reduce_operation="MAX")
-        if bad.item() > 0:
+        if _any_flag(bad):
             raise NonFiniteLossError(int(state.timestamp.batch.value), float(loss.detach().float().mean().item()))
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for p in state.model.parameters():
+            t = p.to_local() if hasattr(p, "to_local") else p  # FSDP2 DTensor: this rank's shard
+            if t.numel():
+                groups.setdefault((t.device, t.dtype), []).append(t.detach())
+        if not groups:
+            return
+        # the sum of the norms is NaN/inf exactly when some element is
+        totals = [torch.stack(torch._foreach_norm(ts)).sum().float() for ts in groups.values()]
+        dev = next(iter(groups))[0]
+        bad = (~torch.isfinite(torch.stack([t.to(dev) for t in totals]))).any().to(torch.float32).reshape(1)
+        if _any_flag(bad):
+            # timestamp.batch already counts this batch at BATCH_END: report its index as the loss check does
+            raise NonFiniteParamsError(int(state.timestamp.batch.value) - 1)

@@ -147,9 +147,11 @@ def _enabled(value: Any, device: str) -> bool:
 
 def build_callbacks(cfg: dict[str, Any], device: str) -> list[Any]:
     from composer.callbacks import LRMonitor, MemoryMonitor, SpeedMonitor
-    from ditperf.trainer.model import BatchIndexCallback, NaNGuard
+    from ditperf.trainer.model import BatchIndexCallback, InfGradAtBatch, NaNGuard
 
     cbs: list[Any] = [BatchIndexCallback(), NaNGuard()]
+    if cfg["debug"]["inf_grad_at_batch"] is not None:
+        cbs.append(InfGradAtBatch(cfg["debug"]["inf_grad_at_batch"]))
     c = cfg["callbacks"]
     sm = c["speed_monitor"]
     if _enabled(sm, device):
@@ -381,7 +383,7 @@ def _train(cfg: dict[str, Any]) -> dict[str, Any]:
         latest = _latest_checkpoint(cfg)
         trainer.close()
         keep = f"last good checkpoint: {latest}" if latest else "no checkpoint was written before it"
-        raise TrainingStopped(f"{exc}; stopped without applying or saving that step ({keep}). "
+        raise TrainingStopped(f"{exc}; stopped without saving that step ({keep}). "
                               "Lower optimizer.lr, check the data, or resume from the checkpoint.") from exc
     summary = summarize(trainer, info, cfg)
     if cfg["debug"]["param_digest"]:
