@@ -188,6 +188,62 @@ def test_cli_train_errors_are_one_line(tiny_data: Path, tmp_path: Path, capsys: 
     assert "data.local = None" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("override,message", [
+    ("max_duration=8", "max_duration=8 is not a Composer time string"),
+    ("save_interval=xyz", "save_interval='xyz' is not a Composer time string"),
+    ("scheduler.t_warmup=foo", "scheduler.t_warmup='foo' is not a Composer time string"),
+    ("ema.half_life=soon", "ema.half_life='soon' is not a Composer time string"),
+    ("device_train_microbatch_size=abc", "device_train_microbatch_size must be a positive whole number"),
+    ("optimizer.lr=-1", "optimizer.lr must be a finite number >= 0"),
+    ("optimizer.lr=.inf", "optimizer.lr must be a finite number >= 0"),
+    ("optimizer.betas=[0.9]", "optimizer.betas must be two numbers"),
+    ("data.edit_task=erase", "data.edit_task must be one of inpaint, outpaint, expand, mixed"),
+    ("global_train_batch_size=4.5", "global_train_batch_size must be a whole number"),
+])
+def test_bad_override_values_are_one_line_errors(tiny_data: Path, tmp_path: Path, override: str, message: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from ditperf.cli.main import main
+
+    assert main(["train", "tiny-cpu", f"data.local={tiny_data}", f"save_folder={tmp_path / 'ck'}", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())
+
+
+def test_checkpoint_folder_and_load_path_mistakes_lose_nothing(tiny_data: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Re-running into a folder that has checkpoints, a missing ``latest`` link, a partial
+    checkpoint file, a missing load_path and a changed global batch size: each a one-line
+    error (or, for the missing link, a resume from the newest checkpoint); no checkpoint is
+    overwritten or deleted."""
+    from ditperf.cli.main import main
+
+    ck = tmp_path / "ck"
+    base = ["train", "tiny-cpu", f"data.local={tiny_data}", "global_train_batch_size=4", "data.num_workers=0",
+            f"save_folder={ck}", "save_interval=2ba", *CPU, *QUIET]
+    assert main([*base, "max_duration=4ba"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in ck.glob("ep*.pt")}
+    assert main([*base, "max_duration=4ba"]) == 2  # same command again, no autoresume
+    assert "already has checkpoints (newest: ep0-ba4-rank0.pt): continue that run with autoresume=true" in \
+        capsys.readouterr().err
+    assert main([*base, "max_duration=8ba", "global_train_batch_size=8", "autoresume=true"]) == 2
+    assert "written with global_train_batch_size=4, this run has 8" in capsys.readouterr().err
+    partial = tmp_path / "partial.pt"
+    partial.write_bytes(before["ep0-ba2-rank0.pt"][:50_000])
+    assert main([*base[:-4], "max_duration=4ba", f"load_path={partial}", *CPU, *QUIET]) == 2
+    assert f"checkpoint {partial} cannot be read" in capsys.readouterr().err
+    assert main([*base[:-4], f"save_folder={tmp_path / 'empty'}", "autoresume=true",
+                 f"load_path={tmp_path / 'missing.pt'}", *CPU, *QUIET]) == 2
+    assert "missing.pt does not exist" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in ck.glob("ep*.pt")} == before
+    (ck / "latest-rank0.pt").unlink()  # e.g. a folder copied without its symlink
+    assert main([*base, "max_duration=6ba", "autoresume=true"]) == 0
+    assert f"resuming from {ck / 'ep0-ba4-rank0.pt'}" in capsys.readouterr().out
+    assert _ckpt(ck / "ep0-ba6-rank0.pt")["timestamp"]["Timestamp"]["batch"] == 6
+    assert {p.name: p.read_bytes() for p in ck.glob("ep*.pt") if p.name in before} == before
+
+
 # ----------------------------------------------------------------------------- training
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -246,3 +247,56 @@ def describe_keys() -> str:
     lines = [f"{k} = {v!r}" for k, v in flatten(DEFAULTS).items()]
     lines.append("model.<DiTConfig field> = preset value  (" + ", ".join(model_fields()) + ")")
     return "\n".join(lines)
+
+
+def _time_string(key: str, value: Any) -> None:
+    from composer.core import Time
+
+    try:
+        Time.from_timestring(str(value))
+    except (ValueError, TypeError):
+        raise ConfigError(f"{key}={value!r} is not a Composer time string; expected a number with a unit, "
+                          "e.g. 8ba (batches), 2ep (epochs), 1000sp (samples)") from None
+
+
+def validate_values(cfg: dict[str, Any]) -> None:
+    """Value checks the key/type merge cannot make: time strings, ranges, choices, paths.
+    Raises :class:`ConfigError` naming the key, before Composer would fail with a traceback."""
+    for key in ("max_duration", "console_log_interval"):
+        _time_string(key, cfg[key])
+    if cfg.get("stop_at"):
+        _time_string("stop_at", cfg["stop_at"])
+    if cfg["save_folder"]:
+        _time_string("save_interval", cfg["save_interval"])
+        folder = Path(str(cfg["save_folder"]))
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"save_folder {folder} exists and is not a folder")
+    _time_string("scheduler.t_warmup", cfg["scheduler"]["t_warmup"])
+    if cfg["ema"]["enabled"]:
+        _time_string("ema.half_life", cfg["ema"]["half_life"])
+    gbs = cfg["global_train_batch_size"]
+    if isinstance(gbs, bool) or not isinstance(gbs, int):
+        raise ConfigError(f"global_train_batch_size must be a whole number, got {gbs!r}")
+    micro = cfg["device_train_microbatch_size"]
+    if micro is not None and micro != "auto" and (isinstance(micro, bool) or not isinstance(micro, int) or micro < 1):
+        raise ConfigError(f"device_train_microbatch_size must be a positive whole number, 'auto' (GPU) or null "
+                          f"(= the device batch), got {micro!r}")
+    o = cfg["optimizer"]
+    if not (isinstance(o["lr"], (int, float)) and math.isfinite(o["lr"]) and o["lr"] >= 0):
+        raise ConfigError(f"optimizer.lr must be a finite number >= 0, got {o['lr']!r}")
+    if not (isinstance(o["eps"], (int, float)) and o["eps"] > 0):
+        raise ConfigError(f"optimizer.eps must be > 0, got {o['eps']!r}")
+    if not (isinstance(o["weight_decay"], (int, float)) and o["weight_decay"] >= 0):
+        raise ConfigError(f"optimizer.weight_decay must be >= 0, got {o['weight_decay']!r}")
+    betas = o["betas"]
+    if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {betas!r}")
+    clip = cfg["grad_clip_norm"]
+    if clip not in (None, False) and not (isinstance(clip, (int, float)) and clip >= 0):
+        raise ConfigError(f"grad_clip_norm must be a number >= 0 or null (off), got {clip!r}")
+    from ditperf.model import EDIT_TASKS
+
+    task = cfg["data"]["edit_task"]
+    if task not in (None, "mixed", *EDIT_TASKS):
+        raise ConfigError(f"data.edit_task must be one of {', '.join((*EDIT_TASKS, 'mixed'))}, got {task!r}")

@@ -148,6 +148,30 @@ def _any_flag(flag: torch.Tensor) -> bool:
     return bool(flag.item() > 0)
 
 
+class ResumeGuard(Callback):
+    """Keeps the global batch size in every checkpoint and refuses to resume a checkpoint
+    written with another one: Streaming's resume position counts samples per global batch,
+    so a different size silently replays part of the epoch and skips another part. (A
+    different number of ranks with the same global batch is fine: Streaming reshards.)"""
+
+    def __init__(self, global_batch_size: int) -> None:
+        self.global_batch_size = int(global_batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"global_train_batch_size": self.global_batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("global_train_batch_size")
+        if saved is not None and int(saved) != self.global_batch_size:
+            from ditperf.trainer.config import ConfigError
+
+            raise ConfigError(
+                f"the checkpoint was written with global_train_batch_size={saved}, this run has "
+                f"{self.global_batch_size}: resuming would replay and skip samples of the epoch. Resume with "
+                f"global_train_batch_size={saved}, or start a new schedule from its weights with "
+                "load_weights_only=true")
+
+
 class InfGradAtBatch(Callback):
     """Test hook (``debug.inf_grad_at_batch``): one gradient element becomes inf after the
     backward of that batch, as an overflow would, while the loss stays finite."""

@@ -11,16 +11,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import pickle
+import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from ditperf.trainer.config import ConfigError, model_fields
+from ditperf.trainer.config import ConfigError, model_fields, validate_values
 
 log = logging.getLogger("ditperf.trainer")
 
@@ -147,9 +152,9 @@ def _enabled(value: Any, device: str) -> bool:
 
 def build_callbacks(cfg: dict[str, Any], device: str) -> list[Any]:
     from composer.callbacks import LRMonitor, MemoryMonitor, SpeedMonitor
-    from ditperf.trainer.model import BatchIndexCallback, InfGradAtBatch, NaNGuard
+    from ditperf.trainer.model import BatchIndexCallback, InfGradAtBatch, NaNGuard, ResumeGuard
 
-    cbs: list[Any] = [BatchIndexCallback(), NaNGuard()]
+    cbs: list[Any] = [BatchIndexCallback(), NaNGuard(), ResumeGuard(int(cfg["global_train_batch_size"]))]
     if cfg["debug"]["inf_grad_at_batch"] is not None:
         cbs.append(InfGradAtBatch(cfg["debug"]["inf_grad_at_batch"]))
     c = cfg["callbacks"]
@@ -199,6 +204,7 @@ def _make_stop_at(spec: str) -> Any:
 
 def build_trainer(cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """Construct the Composer ``Trainer``; returns (trainer, info)."""
+    validate_values(cfg)
     _kernels_first(cfg)
     from composer import Trainer
     from composer.algorithms import GradientClipping
@@ -250,24 +256,22 @@ def build_trainer(cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
                       save_overwrite=bool(cfg["save_overwrite"]))
     elif cfg["autoresume"]:
         raise ConfigError("autoresume=true needs save_folder (where it looks for the latest checkpoint)")
-    if cfg["load_path"]:
-        if not cfg["autoresume"] and "://" not in str(cfg["load_path"]) and not Path(cfg["load_path"]).exists():
-            raise ConfigError(f"load_path {cfg['load_path']} does not exist")
-        kwargs.update(load_path=str(cfg["load_path"]), load_weights_only=bool(cfg["load_weights_only"]))
+    kwargs.update(_resume_plan(cfg))
     if cfg["model"]["compile"]:
         # static shapes: one graph per aspect-ratio bucket (inductor 2.7 fails on the dynamic one: "cannot
         # determine truth value of Relational" on CPU), and the best kernels for each
         kwargs["compile_config"] = {"dynamic": False}
-    trainer = Trainer(
-        model=model, train_dataloader=train_spec, max_duration=str(cfg["max_duration"]),
-        optimizers=optimizer, schedulers=scheduler, step_schedulers_every_batch=True,
-        algorithms=algorithms, callbacks=build_callbacks(cfg, device), loggers=[memory],
-        run_name=cfg["run_name"], progress_bar=bool(cfg["progress_bar"]),
-        log_to_console=not cfg["progress_bar"], console_log_interval=str(cfg["console_log_interval"]),
-        autoresume=bool(cfg["autoresume"]), parallelism_config=parallelism,
-        device=device, precision=precision, device_train_microbatch_size=micro if micro is not None else batch,
-        seed=int(cfg["seed"]), **kwargs,
-    )
+    with _clear_load_errors(cfg):
+        trainer = Trainer(
+            model=model, train_dataloader=train_spec, max_duration=str(cfg["max_duration"]),
+            optimizers=optimizer, schedulers=scheduler, step_schedulers_every_batch=True,
+            algorithms=algorithms, callbacks=build_callbacks(cfg, device), loggers=[memory],
+            run_name=cfg["run_name"], progress_bar=bool(cfg["progress_bar"]),
+            log_to_console=not cfg["progress_bar"], console_log_interval=str(cfg["console_log_interval"]),
+            autoresume=bool(cfg["autoresume"]), parallelism_config=parallelism,
+            device=device, precision=precision, device_train_microbatch_size=micro if micro is not None else batch,
+            seed=int(cfg["seed"]), **kwargs,
+        )
     info = {"device": device, "precision": precision, "world_size": world_size, "rank": rank,
             "device_batch_size": batch, "model": mcfg.describe(), "params": dit.num_params(),
             "backend": backend if attention_backend in (None, backend) else f"{backend} (attention: {attention_backend})",
@@ -405,6 +409,63 @@ def _train(cfg: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+_CKPT_NAME = re.compile(r"ep(\d+)-ba(\d+)-rank0\.pt$")
+
+
+def _checkpoints(folder: str | Path) -> list[Path]:
+    """Composer's rank-0 checkpoint files in ``folder``, oldest to newest by (epoch, batch)."""
+    found = [(m, p) for p in Path(folder).glob("ep*-ba*-rank0.pt") if (m := _CKPT_NAME.search(p.name))]
+    return [p for m, p in sorted(found, key=lambda mp: (int(mp[0][1]), int(mp[0][2])))]
+
+
+def _resume_plan(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Trainer kwargs for loading, after checking that nothing a folder holds gets lost:
+    * no autoresume, no load_path, and save_folder already has checkpoints: refuse (Composer's
+      own error says to set save_overwrite, which would start over on top of them);
+    * autoresume with save_folder's ``latest`` link missing (e.g. deleted, or a copied
+      folder) but checkpoints present: resume from the newest of them;
+    * a load_path that does not exist (also under autoresume when there is nothing to resume)."""
+    folder = cfg["save_folder"]
+    found = _checkpoints(folder) if folder and Path(folder).is_dir() else []
+    load_path = cfg["load_path"]
+    if found and not cfg["autoresume"] and not load_path and not cfg["save_overwrite"]:
+        raise ConfigError(f"save_folder {folder} already has checkpoints (newest: {found[-1].name}): continue "
+                          f"that run with autoresume=true (or load_path={found[-1]}), or pick another "
+                          "save_folder; save_overwrite=true would train from scratch over them")
+    has_latest = bool(folder) and (Path(folder) / "latest-rank0.pt").exists()
+    if cfg["autoresume"] and not has_latest and found and not load_path:
+        load_path = str(found[-1])
+        print(f"ditperf train: autoresume: {folder} has no latest-rank0.pt link; resuming from {load_path}",
+              flush=True)
+    if not load_path:
+        return {}
+    if "://" not in str(load_path) and not Path(load_path).exists() and not (cfg["autoresume"] and has_latest):
+        raise ConfigError(f"load_path {load_path} does not exist")
+    return {"load_path": str(load_path), "load_weights_only": bool(cfg["load_weights_only"])}
+
+
+@contextlib.contextmanager
+def _clear_load_errors(cfg: dict[str, Any]) -> Iterator[None]:
+    """Composer's errors while it sets up saving and loads a checkpoint, as ConfigErrors."""
+    try:
+        yield
+    except FileExistsError as exc:
+        raise ConfigError(f"save_folder {cfg['save_folder']}: {exc}. To continue that run use autoresume=true "
+                          "or load_path=; or pick another save_folder") from exc
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as exc:
+        text = str(exc)
+        unreadable = isinstance(exc, (EOFError, pickle.UnpicklingError)) or (
+            isinstance(exc, OSError) and exc.errno == errno.EINVAL) or any(
+            k in text for k in ("PytorchStreamReader", "zip archive", "Ran out of input", "invalid load key"))
+        if not unreadable or not (cfg["load_path"] or cfg["autoresume"]):
+            raise
+        path = cfg["load_path"] or _latest_checkpoint(cfg)
+        first = (text.splitlines() or [""])[0]
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {first}): "
+                          "a run killed while saving leaves a partial file; delete it and resume from the "
+                          "previous checkpoint (load_path=...)") from exc
+
+
 def _latest_checkpoint(cfg: dict[str, Any]) -> str | None:
     folder = cfg["save_folder"]
     if not folder:
@@ -413,7 +474,8 @@ def _latest_checkpoint(cfg: dict[str, Any]) -> str | None:
     link = Path(folder) / f"latest-rank{rank}.pt"
     if link.exists():
         return str(link.resolve())
-    files = sorted(Path(folder).glob(f"ep*-ba*-rank{rank}.pt"), key=lambda p: p.stat().st_mtime)
+    files = _checkpoints(folder) if rank == 0 and Path(folder).is_dir() else sorted(
+        Path(folder).glob(f"ep*-ba*-rank{rank}.pt"), key=lambda p: p.stat().st_mtime)
     return str(files[-1]) if files else None
 
 
