@@ -223,6 +223,9 @@ def test_synth_class_preset_and_refuses_nonempty(tmp_path: Path) -> None:
     assert all(0 <= s["label"] < 1000 for s in samples)
     with pytest.raises(D.DataError, match="not empty"):
         D.synth_dataset(tmp_path / "c", get_config("dit-s-2"), 6, progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(D.DataError, match="exists and is not a folder"):
+        D.synth_dataset(tmp_path / "file", get_config("dit-s-2"), 6, progress=False)
 
 
 # ----------------------------------------------------------------------------- encode
@@ -332,6 +335,28 @@ def test_encode_resumes_after_bad_image(tiny_encoders: dict[str, Path], tmp_path
     schema = E.encode_dataset(tmp_path / "imgs", out, opts)
     assert schema.total_samples == 5 and (part0.stat().st_mtime_ns, part0.read_bytes()) == before
     assert sorted(s["source_size"][0] for s in D.iter_samples(out)) == [32] * 5
+    # a finished chunk whose shards were lost is encoded again, not silently dropped
+    shutil.rmtree(out / "16x16" / "part-00001")
+    schema = E.encode_dataset(tmp_path / "imgs", out, opts)
+    assert schema.total_samples == 5 and (part0.stat().st_mtime_ns, part0.read_bytes()) == before
+    assert D.verify_dataset(out, mode="hashes").total_samples == 5
+
+
+def test_encode_skip_bad_list_survives_a_resume(tiny_encoders: dict[str, Path], tmp_path: Path) -> None:
+    from ditperf.trainer import encode as E
+
+    paths = _images(tmp_path / "imgs", [(32, 32)] * 4)
+    for bad in (paths[0], paths[3]):  # one in each chunk of 2
+        bad.write_bytes(b"not an image")
+    opts = E.EncodeOptions(vae=str(tiny_encoders["vae"]), text_encoder=str(tiny_encoders["te"]), resolution=32,
+                           chunk_size=2, batch_size=4, progress=False, skip_bad=True)
+    out = tmp_path / "out"
+    assert E.encode_dataset(tmp_path / "imgs", out, opts).total_samples == 2
+    listed = (out / "_encode" / "skipped.txt").read_text().split()
+    assert listed == [str(paths[0]), str(paths[3])]
+    (out / "_encode" / "chunk-00001.json").unlink()  # as if the first run stopped after chunk 0
+    assert E.encode_dataset(tmp_path / "imgs", out, opts).total_samples == 2
+    assert (out / "_encode" / "skipped.txt").read_text().split() == listed
 
 
 def test_encode_jsonl_class_labels(tiny_encoders: dict[str, Path], tmp_path: Path) -> None:
@@ -349,6 +374,11 @@ def test_encode_jsonl_class_labels(tiny_encoders: dict[str, Path], tmp_path: Pat
                                                                   buckets="31x31", progress=False))
     with pytest.raises(D.DataError, match="cannot load an AutoencoderKL"):
         E.encode_dataset(jsonl, tmp_path / "o3", E.EncodeOptions(vae=str(tmp_path / "missing"), labels="jsonl"))
+    cats = tmp_path / "cats.jsonl"
+    cats.write_text(json.dumps({"path": f"imgs/{paths[0].name}", "label": 0}) + "\n"
+                    + json.dumps({"path": f"imgs/{paths[1].name}", "label": "cat"}) + "\n")
+    with pytest.raises(D.DataError, match=f"{cats}:2: 'label' must be a whole number >= 0.*'cat'"):
+        E.list_inputs(cats, "jsonl")
 
 
 def test_cli_synth_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -437,6 +437,8 @@ def synth_dataset(out: str | Path, config: DiTConfig, num: int, *, buckets: Sequ
     out = Path(out)
     if num < 1:
         raise DataError(f"--num must be >= 1, got {num}")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise DataError(f"output folder {out} is not empty (use --overwrite to replace it)")

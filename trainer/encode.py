@@ -118,7 +118,13 @@ def list_inputs(source: str | Path, labels: str = "none") -> tuple[list[Item], l
             if labels == "jsonl":
                 if "label" not in rec:
                     raise DataError(f"{source}:{n}: --labels jsonl but the record has no 'label'")
-                label = int(rec["label"])
+                try:
+                    label = int(rec["label"])
+                except (TypeError, ValueError):
+                    raise DataError(f"{source}:{n}: 'label' must be a whole number >= 0 (class index), "
+                                    f"got {rec['label']!r}") from None
+                if label < 0:
+                    raise DataError(f"{source}:{n}: 'label' must be >= 0, got {label}")
             items.append(Item(str(path), str(rec.get("caption", "")), label))
     else:
         files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -282,6 +288,8 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
             raise DataError(f"{out} holds an unfinished or finished encode with different settings "
                             f"({', '.join(diff)} differ); use another --out or delete it")
         return
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         raise DataError(f"output folder {out} is not empty and holds no ditperf encode state; use an empty --out")
     state.mkdir(parents=True, exist_ok=True)
@@ -334,24 +342,33 @@ def encode_dataset(source: str | Path, out: str | Path, opts: EncodeOptions) -> 
     chunks = [items[i:i + opts.chunk_size] for i in range(0, len(items), opts.chunk_size)]
     from tqdm.auto import tqdm
 
+    for ci in range(len(chunks)):  # a finished chunk whose parts are gone or changed is redone
+        marker = state / f"chunk-{ci:05d}.json"
+        if marker.is_file() and not _chunk_intact(marker, ci, out, schema):
+            print(f"ditperf data encode: chunk {ci}'s shards are missing or incomplete; encoding it again",
+                  flush=True)
+            marker.unlink()
     done_items = sum(len(c) for i, c in enumerate(chunks) if (state / f"chunk-{i:05d}.json").is_file())
     bar = tqdm(total=len(items), initial=done_items, desc="encode", unit="img", disable=not opts.progress,
                dynamic_ncols=True)
-    skipped: list[str] = []
     try:
         for ci, chunk in enumerate(chunks):
             marker = state / f"chunk-{ci:05d}.json"
             if marker.is_file():
                 continue
+            skipped: list[str] = []
             counts = _encode_chunk(ci, chunk, ci * opts.chunk_size, out, schema, sizes, vae, text_model, tok,
                                    max_length, opts, device, dtype, bar, skipped)
             tmp = marker.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"chunk": ci, "counts": counts}))
+            tmp.write_text(json.dumps({"chunk": ci, "counts": counts, "skipped": skipped}))
             os.replace(tmp, marker)
     finally:
         bar.close()
-    if skipped:
-        (state / "skipped.txt").write_text("\n".join(skipped) + "\n")
+    # every run's skips, from the chunk markers (a resumed encode keeps the earlier runs' list)
+    all_skipped = [p for ci in range(len(chunks))
+                   for p in json.loads((state / f"chunk-{ci:05d}.json").read_text()).get("skipped", [])]
+    if all_skipped:
+        (state / "skipped.txt").write_text("\n".join(all_skipped) + "\n")
     for b in schema.buckets:
         bdir = out / b.dir
         b.samples = merge_parts(bdir) if bdir.is_dir() else 0
@@ -360,6 +377,27 @@ def encode_dataset(source: str | Path, out: str | Path, opts: EncodeOptions) -> 
         raise DataError(f"no image could be encoded from {source}")
     schema.save(out)
     return schema
+
+
+def _chunk_intact(marker: Path, ci: int, out: Path, schema: DatasetSchema) -> bool:
+    """Whether a finished chunk's part folders still hold what its marker recorded."""
+    try:
+        counts = json.loads(marker.read_text())["counts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    dirs = {b.name: b.dir for b in schema.buckets}
+    for name, n in counts.items():
+        index = out / dirs.get(name, name) / f"part-{ci:05d}" / "index.json"
+        try:
+            shards = json.loads(index.read_text())["shards"]
+            if sum(int(sh["samples"]) for sh in shards) != int(n):
+                return False
+            if not all((index.parent / (sh.get("zip_data") or sh["raw_data"])["basename"]).is_file()
+                       for sh in shards):
+                return False
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+    return True
 
 
 def _encode_chunk(ci: int, chunk: Sequence[Item], first_index: int, out: Path, schema: DatasetSchema,
