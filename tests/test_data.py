@@ -81,6 +81,24 @@ def test_loader_never_mixes_buckets_deterministic_shuffle(tiny_ds: Path) -> None
             assert batch["labels"][j].item() == ref[sid]["label"]
 
 
+def test_uneven_buckets_never_mix_and_drop_only_partial_batches(tmp_path: Path) -> None:
+    """Bucket sizes that are not multiples of the batch (7, 5, 9 with batch 4): every batch
+    is one shape, and per bucket only its partial last batch is left out."""
+    root = tmp_path / "uneven"
+    D.synth_dataset(root, get_config("tiny"), 21, buckets=[(8, 8), (8, 12), (12, 8)], seed=2, progress=False)
+    sizes = {b.name: b.samples for b in D.DatasetSchema.load(root).buckets}
+    for workers in (0, 2):
+        batches = _epoch_ids(root, workers=workers)
+        per_shape: dict[tuple, int] = {}
+        for batch in batches:
+            assert len({tuple(x.shape) for x in batch["latents"]}) == 1
+            shape = tuple(batch["latents"].shape[2:])
+            per_shape[shape] = per_shape.get(shape, 0) + 1
+        assert per_shape == {tuple(int(v) for v in name.split("x")): n // 4 for name, n in sizes.items() if n >= 4}
+        ids = [i for b in batches for i in b["sample_ids"].tolist()]
+        assert len(ids) == len(set(ids))
+
+
 def test_edit_masks_seeded_by_seed_epoch_sample(tiny_ds: Path) -> None:
     a = _epoch_ids(tiny_ds, workers=0, edit="mixed")
     b = _epoch_ids(tiny_ds, workers=1, seed=9, edit="mixed")  # other order, same masks per sample
