@@ -73,13 +73,16 @@ def _check(shape, dtype, device, mask_p=None, scale=None, torch_baselines=True) 
                torch.float64, scale=scale)
     if torch_baselines:  # torch at the same precision: SDPA (flash/efficient/math as torch picks)
         same = _run(_sdpa, q, k, v, g, mask, dtype, scale=scale)
+    largest = max(r.abs().max().item() for r in ref)
     for i, name in enumerate(NAMES):
         assert torch.isfinite(got[i]).all(), f"{name}: non-finite values"
         err = (got[i] - ref[i]).abs().max().item()
         base = (same[i] - ref[i]).abs().max().item() if torch_baselines else 0.0
         # atol relative to the tensor's own scale (no floor of 1: outputs and gradients of
-        # long sequences are small, and a fixed floor would let most of their range through)
-        bound = 2 * base + ATOL[dtype] * ref[i].abs().max().item()
+        # long sequences are small, and a fixed floor would let most of their range through),
+        # floored at 1% of the largest of out/dq/dk/dv: a gradient that is zero in exact math
+        # (dq with a single key) is rounding noise of the other terms' size
+        bound = 2 * base + ATOL[dtype] * max(ref[i].abs().max().item(), 1e-2 * largest)
         assert err <= bound, (f"{name}: max error {err:.3e} > bound {bound:.3e} "
                               f"(torch {base:.3e}) for {shape} {dtype}")
 
