@@ -220,14 +220,19 @@ def cuda_graph_step(step: StepFn, *, warmup: int = 3) -> StepFn:
         key = tuple((tuple(a.shape), a.dtype, a.device) for a in (x, t, t_next))
         if "graph" not in state:
             static = [a.clone() for a in (x, t, t_next)]
+            # the caller's autocast, without its weight-cast cache: cached casts live outside
+            # the graph's memory pool and are freed when the caller's autocast exits, so a
+            # replay would read freed memory; uncached, the casts are part of the graph
+            amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                 enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
             side = torch.cuda.Stream(device=x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.no_grad(), torch.cuda.stream(side):
+            with torch.no_grad(), amp, torch.cuda.stream(side):
                 for _ in range(warmup):
                     step(*static)
             torch.cuda.current_stream(x.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.no_grad(), torch.cuda.graph(graph):
+            with torch.no_grad(), amp, torch.cuda.graph(graph):
                 out = step(*static)
             state.update(graph=graph, inputs=static, out=out, key=key)
         elif key != state["key"]:
