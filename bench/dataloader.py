@@ -48,9 +48,9 @@ SHAPES = {  # name -> (channels, height, width)
 
 def sizes(smoke: bool, quick: bool) -> dict[str, int]:
     if smoke:
-        return {"4x32x32": 2048, "16x128x128": 256}
+        return {"4x32x32": 2048, "16x128x128": 512}
     if quick:
-        return {"4x32x32": 8192, "16x128x128": 512}
+        return {"4x32x32": 8192, "16x128x128": 1024}
     return {"4x32x32": 32768, "16x128x128": 2048}
 
 
@@ -63,20 +63,28 @@ def write_dataset(root: Path, shape: tuple[int, int, int], num: int) -> None:
     D.synth_dataset(root, cfg, num, seed=0, progress=False)
 
 
-def one_epoch(root: Path, workers: int, provider: str) -> tuple[float, list[dict[str, torch.Tensor]]]:
-    """(seconds, batches) for one epoch through a fresh dataset + loader."""
+def one_epoch(root: Path, workers: int, provider: str) -> tuple[float, int, list[dict[str, torch.Tensor]]]:
+    """(seconds, samples timed, batches) for one epoch through a fresh dataset + loader.
+
+    The clock starts when the batch after start-up prefetch arrives: the first
+    ``1 + 2 * workers`` batches (the first, and what the workers had prefetched meanwhile)
+    were produced before it and are not counted, so the rate is the steady one."""
     from ditperf.trainer import data as D
 
     ds = D.build_dataset(root, batch_size=BATCH, shuffle=True, shuffle_seed=1, columns=["latent", "label"],
                          fast_read=provider == "ditperf-pread")
     loader = D.build_dataloader(ds, batch_size=BATCH, num_workers=workers, pin_memory=False)
-    it = iter(loader)
-    first = next(it)  # worker start-up and the first prefetch are not throughput
-    t0 = time.perf_counter()
-    batches = [first, *it]
-    dt = time.perf_counter() - t0
-    del it, loader, ds
-    return dt, batches
+    skip = 1 + 2 * workers
+    batches, stamps = [], []
+    for b in loader:
+        batches.append(b)
+        stamps.append(time.perf_counter())
+    del loader, ds
+    if len(batches) <= skip + 1:
+        raise SystemExit(f"dataloader bench: {len(batches)} batches are too few to time past the {skip} "
+                         "start-up batches; use more samples")
+    timed = sum(int(b["latents"].shape[0]) for b in batches[skip + 1:])
+    return stamps[-1] - stamps[skip], timed, batches
 
 
 def check(batches: list[dict[str, torch.Tensor]], shape: tuple[int, int, int], reference: dict[int, np.ndarray],
@@ -110,13 +118,12 @@ def run(smoke: bool, quick: bool, workers: tuple[int, ...] = (0, 1, 2), keep: Pa
             sample_bytes = int(np.prod(shape)) * 2
             for provider in ("streaming", "ditperf-pread"):
                 for w in workers:
-                    dt, batches = one_epoch(root, w, provider)
+                    dt, n, batches = one_epoch(root, w, provider)
                     check(batches, shape, reference, num)
-                    n = sum(int(b["latents"].shape[0]) for b in batches)
                     sps = n / dt
                     per_worker = sps / max(w, 1)
                     rows.append(Row(bench="dataloader", case=f"workers={w}", shape=name, provider=provider,
-                                    ms=1e3 * dt / len(batches), gbps=sps * sample_bytes / 1e9,
+                                    ms=1e3 * dt / (n // BATCH), gbps=sps * sample_bytes / 1e9,
                                     extra={"samples_per_s": round(sps, 1),
                                            "samples_per_s_per_worker": round(per_worker, 1),
                                            "samples": n, "batch": BATCH, "workers": w,

@@ -3,7 +3,7 @@
 #
 # On the CPU machine, once per checkout:   bash ../shared/device/fetch-wheels.sh
 # and before each run (the device copy has no .git; results record this sha):
-#   git rev-parse --short HEAD > .ditperf-sha
+#   git describe --always --dirty > .ditperf-sha       (a "-dirty" suffix: uncommitted changes ran)
 # Then call the device tool's `run` with carry [".whl", ".ditperf-sha"] and the command:
 #   bash bench/device.sh [BUDGET_S [PART ...]]     (parts: see bench/run.py; default all)
 # It installs the carried wheels (Composer, Streaming, onnx-graphsurgeon: the GPU image
@@ -13,6 +13,7 @@
 # Commit what comes back under bench/results/YYYY-MM-DD-<gpu>-<sha>/ (see that README).
 set -uo pipefail
 BUDGET=${1:-420}
+case "$BUDGET" in ''|*[!0-9]*) echo "device.sh: the first argument is the budget in seconds, got '$BUDGET'"; exit 2;; esac
 shift || true
 ONLY=()
 [ $# -gt 0 ] && ONLY=(--only "$@")
@@ -23,7 +24,10 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || { ec
 export PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm --format=csv | tee "$OUT/run.log"
 D=$(mktemp -d)/suite
-python3 bench/run.py --suite gpu --out "$D" --budget-s "$BUDGET" ${ONLY[@]+"${ONLY[@]}"} 2>&1 | tee -a "$OUT/run.log"
+# a hard stop a little after the budget, so the copy and tar below always run (run.py also
+# rewrites results.json after every part)
+timeout --kill-after=10 $((BUDGET + 45)) \
+  python3 bench/run.py --suite gpu --out "$D" --budget-s "$BUDGET" ${ONLY[@]+"${ONLY[@]}"} 2>&1 | tee -a "$OUT/run.log"
 rc=${PIPESTATUS[0]}
 cp "$D/summary.md" "$D/results.json" "$OUT/" 2>/dev/null
 # checkpoints, ONNX files and datasets stay behind (size); logs, JSON, CSV, PNG come back

@@ -31,6 +31,8 @@ def latest_rows(runs: list[tuple[str, dict]]) -> list[dict]:
     for folder, doc in sorted(runs, key=lambda r: r[1].get("date", "")):
         for row in doc.get("rows", []):
             key = (row.get("part"), row.get("case"), row.get("shape"), row.get("provider"))
+            if row.get("ms") is None and latest.get(key, {}).get("ms") is not None:
+                continue  # a failed or skipped rerun does not blank an earlier measurement
             latest[key] = {**row, "run": folder, "gpu": doc.get("gpu")}
     return list(latest.values())
 

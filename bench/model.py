@@ -166,11 +166,14 @@ def _train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, data: dict[str
     return step
 
 
+def _optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
+
+
 def _train_parts(model: torch.nn.Module, batch: int, device: torch.device) -> tuple[Any, dict, torch.autocast]:
     """(AdamW, batch, autocast) of the training-step benchmark (also bench/profile_step.py)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    return opt, _make_batch(model, batch, device), autocast
+    return _optimizer(model, device), _make_batch(model, batch, device), autocast
 
 
 def _train_case(name: str, batch: int, providers: list[str], device: torch.device, steps: int,
@@ -189,10 +192,18 @@ def _train_case(name: str, batch: int, providers: list[str], device: torch.devic
     _free()
     with torch.device(device):
         model = DiT(cfg)
-    opt, data, autocast = _train_parts(model, batch, device)
+    _perturb(model)
+    initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    data = _make_batch(model, batch, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    opt = None
     for provider in providers:
         print(f"  {provider}: running", flush=True)
         try:
+            # every provider starts from the same weights and a fresh optimizer: none times
+            # steps on weights (or Adam state) that an earlier provider's steps changed
+            model.load_state_dict(initial)
+            opt = _optimizer(model, device)
             _set_backend(model, provider)
             step = _train_step(_maybe_compile(model, provider), opt, data, autocast, device)
             _reset_peak()
@@ -220,12 +231,24 @@ def _train_case(name: str, batch: int, providers: list[str], device: torch.devic
             rows.append(_error_row(case, shape, provider, exc))
             traceback.print_exc(limit=3)
         finally:
-            opt.zero_grad(set_to_none=True)
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            opt = None
             _free()
     model.set_backend("torch")
-    del model, opt
+    del model, opt, initial
     _free()
     return rows
+
+
+def _perturb(model: torch.nn.Module, std: float = 0.02) -> None:
+    """Break adaLN-Zero's zero init (zeros multiply faster than real data on a power-capped
+    GPU, and the first provider would otherwise time steps on them): seeded, the same for
+    every provider."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * std)
 
 
 def _train_with_retry(name: str, batch: int, providers: list[str], device: torch.device, steps: int,
@@ -418,8 +441,8 @@ def run(smoke: bool, quick: bool, *, compile: bool | None = None, train_only: bo
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     provs = _providers(quick, compile, providers)
-    n = steps or (5 if quick else 20)
-    warm = 1 if quick else 3
+    n = steps or (12 if quick else 20)  # quick: ~2 s of timed steps per provider and preset
+    warm = 2 if quick else 3
     rows = _train_with_retry("dit-xl-2", batch_xl, provs, dev, n, warm)
     rows += _train_with_retry("t2i-1b", batch_t2i, provs, dev, max(3, n // 2) if quick else n, warm)
     if not train_only:

@@ -10,7 +10,7 @@ attention, norms, power-profiled model benchmarks, Composer training torch vs tr
 (bench/train.py; ``train-fsdp``: t2i-1b with FSDP), a per-category profile of one training
 step (bench/profile_step.py), GPU-marked kernel tests, kernel rooflines, the power
 calibration, the other GPU-marked tests, the model benchmark (training + inference, and with
-torch.compile), the GPU demo. ``--only`` picks parts (e.g. to rerun some). Each part writes its own JSON
+torch.compile), the GPU demo. ``--only`` picks parts and runs them in the order given. Each part writes its own JSON
 under DIR/parts/; this script merges them into DIR/results.json (schema below) and
 DIR/summary.md. A part that runs out of time or fails is recorded with its status and the
 tail of its log, never dropped.
@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -65,15 +66,18 @@ def gpu_parts() -> list[Part]:
                                   "--timeout", "60", "--total-timeout", "100", "--out", "{out}")], 130,
              produces_rows=False),
         Part("roofs", py(str(HERE / "roofs.py"), "--out", "{out}"), 40),
-        Part("attention", py(str(HERE / "attention.py"), "--quick", "--out", "{out}"), 90),
-        Part("norms", py(str(HERE / "norms.py"), "--quick", "--sweep-bwd", "45", "--out", "{out}"), 120),
+        # each part's own time budget sits ~25 s inside its box (start-up, compiles, JSON)
+        Part("attention", py(str(HERE / "attention.py"), "--quick", "--budget-s", "60", "--out", "{out}"), 90),
+        Part("norms", py(str(HERE / "norms.py"), "--quick", "--sweep-bwd", "35", "--budget-s", "55",
+                         "--out", "{out}"), 120),
         Part("power-model", ["ditperf", "profile", "power", "--out", "{dir}/power-model", "--",
                              sys.executable, str(HERE / "model.py"), "--quick", "--out", "{out}"], 150),
         Part("power-train", ["ditperf", "profile", "power", "--out", "{dir}/power-train", "--",
                              sys.executable, str(HERE / "model.py"), "--quick", "--train-only",
                              "--out", "{out}"], 110),
-        Part("train", py(str(HERE / "train.py"), "--preset", "dit-xl-2", "--batches", "50", "--backend-timeout", "85",
-                          "--backends", "torch,triton,triton-norms+sdpa", "--out", "{out}"), 270),
+        # 16384 samples = 64 batches of 256: SpeedMonitor's last window of the 50 stays inside epoch 0
+        Part("train", py(str(HERE / "train.py"), "--preset", "dit-xl-2", "--batches", "50", "--backend-timeout", "115",
+                          "--num-samples", "16384", "--backends", "torch,triton", "--out", "{out}"), 270),
         Part("train-fsdp", py(str(HERE / "train.py"), "--preset", "t2i-1b", "--batches", "12", "--num-samples", "128",
                                "--set", "global_train_batch_size=8", "--backend-timeout", "110",
                                "--backends", "torch,triton", "--out", "{out}"), 240),
@@ -116,11 +120,18 @@ def run_part(part: Part, out_dir: Path, time_left: float) -> dict:
         log.write("$ " + " ".join(argv) + "\n")
         log.flush()
         try:
-            proc = subprocess.run(argv, check=False, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env)
-            if proc.returncode != 0:
-                status = f"failed (exit {proc.returncode})"
-        except subprocess.TimeoutExpired:
-            status = f"timed out after {timeout:.0f} s"
+            # its own process group: a part that runs out of time is killed with everything it
+            # started (a `ditperf train` child, pytest or diag workers would otherwise keep the
+            # GPU busy while the next parts are measured)
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout)
+                if rc != 0:
+                    status = f"failed (exit {rc})"
+            except subprocess.TimeoutExpired:
+                status = f"timed out after {timeout:.0f} s"
+            finally:
+                _kill_group(proc)
         except FileNotFoundError as exc:
             status = f"could not start: {exc}"
     seconds = time.perf_counter() - t0
@@ -143,6 +154,35 @@ def run_part(part: Part, out_dir: Path, time_left: float) -> dict:
     print(f"[{part.name}] {status} in {seconds:.0f} s" + (f"; env for later parts: {env}" if env else ""), flush=True)
     return {"name": part.name, "status": status, "seconds": round(seconds, 1), "log_tail": tail, "json": doc,
             "env": env}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the part's process group (children included), SIGKILL what is left after 5 s."""
+    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        # the leader is gone; children may not be: one more look at the group
+        try:
+            os.killpg(proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+
+
+def collect(done: list[dict], meta: dict, suite: str, budget_s: float) -> dict:
+    results = {**meta, "suite": suite, "budget_s": budget_s, "parts": done, "rows": []}
+    for part in done:
+        doc = part["json"] or {}
+        if doc.get("roofs") and not results.get("roofs"):
+            results["roofs"] = doc["roofs"]
+        for row in doc.get("rows", []):
+            results["rows"].append({**row, "part": part["name"]})
+    return results
 
 
 def summarize(results: dict) -> str:
@@ -192,10 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             print(f"unknown parts {sorted(unknown)}; known: {[pt.name for pt in parts]}", file=sys.stderr)
             return 2
-        parts = [pt for pt in parts if pt.name in args.only]
+        by_name = {pt.name: pt for pt in parts}
+        parts = [by_name[name] for name in dict.fromkeys(args.only)]  # in the order given
     (args.out / "parts").mkdir(parents=True, exist_ok=True)
     deadline = time.perf_counter() + args.budget_s
-    done = []
+    meta = metadata()
+    done: list[dict] = []
     for part in parts:
         left = deadline - time.perf_counter()
         if left < 5:
@@ -203,14 +245,14 @@ def main(argv: list[str] | None = None) -> int:
                          "log_tail": "", "json": None})
             continue
         done.append(run_part(part, args.out, left))
+        results = collect(done, meta, args.suite, args.budget_s)
+        if results.get("roofs") and "DITPERF_ROOFS_JSON" not in os.environ:  # later parts reuse them
+            os.environ["DITPERF_ROOFS_JSON"] = json.dumps(results["roofs"])
+        # rewritten after every part: a suite killed from outside keeps what it measured
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        (args.out / "summary.md").write_text(summarize(results))
 
-    results = {**metadata(), "suite": args.suite, "budget_s": args.budget_s, "parts": done, "rows": []}
-    for part in done:
-        doc = part["json"] or {}
-        if doc.get("roofs") and not results.get("roofs"):
-            results["roofs"] = doc["roofs"]
-        for row in doc.get("rows", []):
-            results["rows"].append({**row, "part": part["name"]})
+    results = collect(done, meta, args.suite, args.budget_s)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (args.out / "summary.md").write_text(summarize(results))
     print(summarize(results))

@@ -94,6 +94,42 @@ def test_ledger_is_generated_from_run_folders(tmp_path: Path) -> None:
     assert "0.0123" in text and "| 1.0000 |" not in text  # the newest run wins
     assert text.endswith("tail\n") and "old" not in text
     assert ledger.main(["--results", str(tmp_path), "--check"]) == 0
+    failed = tmp_path / "2026-11-28-h100-fffffff"  # a newer run whose row failed: keeps 0.0123
+    failed.mkdir()
+    (failed / "results.json").write_text(json.dumps({"date": "2026-11-28T10:00:00+00:00", "gpu": "H100",
+                                                     "rows": [{**row, "ms": None, "gbps": None}]}))
+    assert ledger.main(["--results", str(tmp_path)]) == 0
+    assert "0.0123" in (tmp_path / "README.md").read_text()
+
+
+def test_a_part_out_of_time_is_killed_with_its_children(tmp_path: Path) -> None:
+    """bench/run.py kills a part's whole process group at its time box: a child it started
+    (a `ditperf train`, pytest workers) must not keep the GPU busy for the next parts."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import run as bench_run
+
+    pid_file = tmp_path / "child.pid"
+    part = bench_run.Part("sleepy", ["bash", "-c", f"sleep 300 & echo $! > {pid_file}; wait"], 2.0,
+                          produces_rows=False)
+    (tmp_path / "parts").mkdir()
+    result = bench_run.run_part(part, tmp_path, 60.0)
+    assert result["status"].startswith("timed out")
+    child = int(pid_file.read_text())
+    import time
+
+    def alive(pid: int) -> bool:  # a zombie (killed, not yet reaped by init) counts as gone
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        return "\nState:\tZ" not in status
+
+    for _ in range(50):
+        if not alive(child):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the part's child {child} is still running")
 
 
 def test_committed_ledger_is_up_to_date() -> None:
