@@ -58,6 +58,24 @@ class Row:
     ratio_to_baseline: float | None = None  # baseline_ms / ms: > 1 means faster than baseline
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        _record_partial(self)
+
+
+#: Rows made so far in this process, written to $DITPERF_PARTIAL_JSON (set by bench/run.py)
+#: as each one is made: a part killed at its time box keeps the rows it had measured.
+_PARTIAL_ROWS: list[Row] = []
+
+
+def _record_partial(row: Row) -> None:
+    path = os.environ.get("DITPERF_PARTIAL_JSON")
+    if not path:
+        return
+    _PARTIAL_ROWS.append(row)
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps({"partial": True, "rows": [asdict(r) for r in _PARTIAL_ROWS]}, default=str))
+    os.replace(tmp, path)
+
 
 def git_sha() -> str:
     """The sha that ``bench/device.sh``'s caller wrote to ``.ditperf-sha`` (a device machine's

@@ -115,7 +115,8 @@ def run_part(part: Part, out_dir: Path, time_left: float) -> dict:
     timeout = max(1.0, min(part.budget_s, time_left))
     t0 = time.perf_counter()
     status = "ok"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    partial_path = parts_dir / f"{part.name}.partial.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DITPERF_PARTIAL_JSON": str(partial_path)}
     with log_path.open("w") as log:
         log.write("$ " + " ".join(argv) + "\n")
         log.flush()
@@ -142,6 +143,12 @@ def run_part(part: Part, out_dir: Path, time_left: float) -> dict:
             doc = json.loads(json_path.read_text())
         except json.JSONDecodeError:
             status += " (unreadable JSON)"
+    if doc is None and partial_path.exists():  # cut short: the rows it made before (no ratios)
+        try:
+            doc = json.loads(partial_path.read_text())
+            status += f" (kept {len(doc.get('rows', []))} rows it had measured)"
+        except json.JSONDecodeError:
+            pass
     env: dict[str, str] = {}
     if part.env_file:  # settings measured by this part, applied to the parts after it
         env_path = Path(part.env_file.replace("{dir}", str(out_dir)))

@@ -167,3 +167,17 @@ def test_model_targets_report_the_analytic_cfg_floor() -> None:
     assert tg["train dit-xl-2: triton / compile img/s >= 1.1"] == {"value": 1.05, "met": False}
     assert tg["train dit-xl-2: triton+compile / compile img/s >= 1.1"] is None
     assert "floor_ms_at_roof" not in bench_model.targets(rows)["cfg-step t2i-1b [eager] <= 25 ms"]
+
+
+def test_a_part_cut_short_keeps_the_rows_it_made(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    import run as bench_run
+
+    code = (f"import sys, time; sys.path.insert(0, {str(REPO / 'bench')!r}); from benchlib import Row; "
+            "Row('attention', 'self fwd', 'B4', 'ditperf', 0.25, tflops=300.0); time.sleep(120)")
+    part = bench_run.Part("slow", [sys.executable, "-c", code], 15.0)
+    (tmp_path / "parts").mkdir()
+    result = bench_run.run_part(part, tmp_path, 60.0)
+    assert result["status"].startswith("timed out") and "kept 1 rows" in result["status"]
+    (row,) = result["json"]["rows"]
+    assert (row["case"], row["provider"], row["ms"], row["tflops"]) == ("self fwd", "ditperf", 0.25, 300.0)
