@@ -129,6 +129,19 @@ def apply_roof(row: Row, roofs: Any | None) -> None:
         row.pct_roof, row.roof = max(options)
 
 
+def ratio_text(row: dict[str, Any]) -> str:
+    """A row's "vs baseline" cell (summary and ledger tables): the ratio to the suite's
+    baseline and, for attention, to the best SDPA backend of the same shape (what issue 3's
+    targets compare with)."""
+    parts = []
+    if row.get("ratio_to_baseline") is not None:
+        parts.append(f"{row['ratio_to_baseline']:.2f}x {row.get('baseline')}")
+    extra = row.get("extra") or {}
+    if extra.get("vs_best_sdpa") is not None:
+        parts.append(f"{extra['vs_best_sdpa']:.2f}x best SDPA ({extra.get('best_sdpa')})")
+    return "; ".join(parts) or "-"
+
+
 def fill_ratios(rows: list[Row], baseline: str) -> None:
     """ratio_to_baseline = baseline_ms / ms for rows sharing (bench, case, shape)."""
     base = {(r.bench, r.case, r.shape): r.ms for r in rows if r.provider == baseline and r.ms}

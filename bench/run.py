@@ -193,6 +193,7 @@ def collect(done: list[dict], meta: dict, suite: str, budget_s: float) -> dict:
 
 
 def summarize(results: dict) -> str:
+    from benchlib import ratio_text
     lines = [f"# ditperf benchmark suite: {results['suite']}", ""]
     meta_keys = ("date", "command", "git_sha", "gpu", "driver", "cuda", "torch", "triton", "ditperf")
     lines += [f"- **{k}**: {results.get(k)}" for k in meta_keys]
@@ -212,7 +213,7 @@ def summarize(results: dict) -> str:
 
         for r in rows:
             roof = "-" if r.get("pct_roof") is None else f"{r['pct_roof']:.0f}% {r.get('roof')}"
-            ratio = "-" if r.get("ratio_to_baseline") is None else f"{r['ratio_to_baseline']:.2f}x {r.get('baseline')}"
+            ratio = ratio_text(r)
             lines.append(f"| {r['part']} | {r['case']} | {r['shape']} | {r['provider']} | {f(r.get('ms'), '.4f')} | "
                          f"{f(r.get('tflops'), '.1f')} | {f(r.get('gbps'), '.0f')} | {roof} | {ratio} |")
     return "\n".join(lines) + "\n"
