@@ -17,8 +17,10 @@ Shapes (B, H, Nq, Nk, D), bf16, SDPA layout, random normal inputs: self-attentio
 key mask (padded captions: each sample keeps 60-120 of its 120 text tokens). --quick:
 (4,16,4096,4096,72), (4,16,4096,4096,128), (4,16,4096,120,72).
 Modes: fwd (no autograd), bwd (autograd.grad on a retained graph), fwd+bwd.
-Providers: ditperf (D=72 split as 64+16); ditperf-padded (D=72 as one 128 tile; full run
-only); sdpa-flash / sdpa-efficient / sdpa-cudnn (``torch.nn.attention.sdpa_kernel`` with one
+Providers: ditperf (its defaults: D=72 as one padded 128 tile on a GPU, 64+16 under the
+interpreter); ditperf-padded (forced padded; full run only, where it differs); ditperf-split32
+(D=72 as 64+32 = 96 columns, only with DITPERF_ATTN_SPLIT32_OK=1, which the suite's
+diag-split32 part sets when those kernels pass its repeated-launch check); sdpa-flash / sdpa-efficient / sdpa-cudnn (``torch.nn.attention.sdpa_kernel`` with one
 backend each; a backend that refuses a shape is recorded with ``extra["skipped"]`` and the
 reason); compiled-math (torch.compile of the explicit softmax(QK^T)V, only where the N x N
 score matrix is small: B*H*Nq*Nk <= 2**28, full run only). Baseline column: sdpa-flash.
@@ -140,14 +142,16 @@ def _attn_module() -> Any:
 
 
 @contextlib.contextmanager
-def _split_head_dim(enabled: bool) -> Iterator[None]:
+def _split_head_dim(enabled: bool, split_min: int | None = None) -> Iterator[None]:
     mod = _attn_module()
-    old = mod.SPLIT_HEAD_DIM
+    old = mod.SPLIT_HEAD_DIM, mod.SPLIT_MIN
     mod.SPLIT_HEAD_DIM = enabled
+    if split_min is not None:
+        mod.SPLIT_MIN = split_min
     try:
         yield
     finally:
-        mod.SPLIT_HEAD_DIM = old
+        mod.SPLIT_HEAD_DIM, mod.SPLIT_MIN = old
 
 
 def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -171,6 +175,10 @@ def providers(shape: Shape, smoke: bool, quick: bool) -> dict[str, Callable[...,
         with _split_head_dim(False):
             return attention(q, k, v, key_mask=mask)
 
+    def ditperf_split32(q, k, v, mask):
+        with _split_head_dim(True, split_min=32):
+            return attention(q, k, v, key_mask=mask)
+
     def sdpa(backend: Any) -> Callable[..., torch.Tensor]:
         from torch.nn.attention import sdpa_kernel
 
@@ -188,6 +196,13 @@ def providers(shape: Shape, smoke: bool, quick: bool) -> dict[str, Callable[...,
     tiles = _attn_module().head_dim_tiles
     if not quick and tiles(shape.d, True) != tiles(shape.d, False):
         out["ditperf-padded"] = ditperf_padded
+    # the 64+32 split of D=72 (96 columns instead of 128), only where bench/diag_attention.py
+    # found it safe on this GPU (run with DITPERF_ATTN_SPLIT_MIN=32: the suite's diag-split32)
+    if os.environ.get("DITPERF_ATTN_SPLIT32_OK") == "1":
+        with _split_head_dim(True, split_min=32):
+            split32 = tiles(shape.d, True)
+        if split32 != tiles(shape.d, False):
+            out["ditperf-split32"] = ditperf_split32
     from torch.nn.attention import SDPBackend
 
     for name in SDPA_BACKENDS:

@@ -63,8 +63,9 @@ def gpu_parts() -> list[Part]:
                                   "--out", "{out}", "--env-file", "{dir}/parts/attention.env"), 140,
              produces_rows=False, env_file="{dir}/parts/attention.env"),
         Part("diag-split32", ["env", "DITPERF_ATTN_SPLIT_MIN=32", *py(str(HERE / "diag_attention.py"),
-                                  "--timeout", "60", "--total-timeout", "100", "--out", "{out}")], 130,
-             produces_rows=False),
+                                  "--timeout", "60", "--total-timeout", "100", "--out", "{out}",
+                                  "--env-file", "{dir}/parts/split32.env")], 130,
+             produces_rows=False, env_file="{dir}/parts/split32.env"),
         Part("roofs", py(str(HERE / "roofs.py"), "--out", "{out}"), 40),
         # each part's own time budget sits ~25 s inside its box (start-up, compiles, JSON)
         Part("attention", py(str(HERE / "attention.py"), "--quick", "--budget-s", "60", "--out", "{out}"), 90),

@@ -57,8 +57,9 @@ def test_attention_diagnosis_plumbing_dry_run(tmp_path: Path) -> None:
     assert all(job["launches"] == n_shapes * (1 + doc["repeats"]) > 1 for job in kernel_jobs), proc.stdout
     assert all(r["repeat_identical"] for job in kernel_jobs for r in job["results"])
     assert all(j["env"]["DITPERF_ATTN_SPLIT_D"] == ("0" if j["path"] == "padded" else "1") for j in kernel_jobs)
-    line = env_file.read_text().strip()
-    assert line.startswith("DITPERF_ATTN_CONFIGS=") and all(f"{k}=" in line for k in ("fwd", "dq", "dkdv"))
+    lines = dict(line.split("=", 1) for line in env_file.read_text().strip().splitlines())
+    assert lines["DITPERF_ATTN_SPLIT_D"] == "1"  # the split passed: later parts use it
+    assert all(f"{k}=" in lines["DITPERF_ATTN_CONFIGS"] for k in ("fwd", "dq", "dkdv"))
 
 
 def test_gpu_suite_refuses_without_gpu(tmp_path: Path) -> None:
@@ -181,3 +182,39 @@ def test_a_part_cut_short_keeps_the_rows_it_made(tmp_path: Path) -> None:
     assert result["status"].startswith("timed out") and "kept 1 rows" in result["status"]
     (row,) = result["json"]["rows"]
     assert (row["case"], row["provider"], row["ms"], row["tflops"]) == ("self fwd", "ditperf", 0.25, 300.0)
+
+
+def test_split32_trial_and_its_provider(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """diag-split32 (DITPERF_ATTN_SPLIT_MIN=32) only tells later parts that the 64+32 split is
+    safe to measure; bench/attention.py then adds a ditperf-split32 provider that computes
+    what SDPA does, with 96 head-dim columns for D=72, and leaves the defaults alone."""
+    import importlib.util
+    import os
+
+    import torch
+
+    env = {**os.environ, "DITPERF_DIAG_DEVICE": "cpu", "OPENBLAS_NUM_THREADS": "1", "DITPERF_ATTN_SPLIT_MIN": "32"}
+    out, env_file = tmp_path / "diag.json", tmp_path / "split32.env"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "diag_attention.py"), "--out", str(out),
+                           "--env-file", str(env_file)], check=False, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert env_file.read_text().strip() == "DITPERF_ATTN_SPLIT32_OK=1"
+
+    sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_attention", REPO / "bench" / "attention.py")
+    bench_attention = importlib.util.module_from_spec(spec)
+    sys.modules["bench_attention"] = bench_attention
+    spec.loader.exec_module(bench_attention)
+    shape = bench_attention.Shape(1, 2, 37, 45, 72)
+    assert "ditperf-split32" not in bench_attention.providers(shape, smoke=False, quick=True)
+    monkeypatch.setenv("DITPERF_ATTN_SPLIT32_OK", "1")
+    provs = bench_attention.providers(shape, smoke=False, quick=True)
+    mod = bench_attention._attn_module()
+    before = (mod.SPLIT_HEAD_DIM, mod.SPLIT_MIN)
+    q, k, v = (torch.randn(1, 2, n, 72) for n in (37, 45, 45))
+    got = provs["ditperf-split32"](q, k, v, None)
+    assert (mod.SPLIT_HEAD_DIM, mod.SPLIT_MIN) == before
+    torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=1e-4, atol=1e-4)
+    with bench_attention._split_head_dim(True, split_min=32):
+        assert mod.head_dim_tiles(72) == (64, 32)
+    assert "ditperf-split32" not in bench_attention.providers(bench_attention.Shape(1, 2, 8, 8, 64), False, True)
