@@ -275,11 +275,15 @@ def sweep_bwd(budget_s: float = 90.0) -> list[Row]:
         D = C // QK_HEADS if case.name == "qk_rms" else C
         specs = SWEEP_BWD.get(next_power_of_2(D), [])
         nbytes = case.bytes_fwd + case.bytes_bwd
-        for provider, spec in [(BASELINE, None)] + [(f"ditperf[{s}]", s) for s in specs]:
+        queue = [(BASELINE, None)] + [(f"ditperf[{s}]", s) for s in specs]
+        while queue:
+            provider, spec = queue.pop(0)
             if time.perf_counter() - start > budget_s:
                 break
+            graphed = use_graph and device.type == "cuda"
+            timing = "graph" if graphed else "eager"
             extra: dict[str, object] = {"mode": "fwd+bwd", "bytes": nbytes, "dtype": "bfloat16", "config": spec,
-                                        "timing": "cuda graph" if use_graph else "eager"}
+                                        "timing": "cuda graph" if graphed else "eager"}
             ms = None
             try:
                 if spec is not None:
@@ -289,16 +293,17 @@ def sweep_bwd(budget_s: float = 90.0) -> list[Row]:
                 # CUDA-graph replay of fwd+bwd (forward and backward both inside the capture;
                 # a bwd-only capture fails, see run()): GPU time without the Python / dispatch
                 # overhead that bounded the eager timings of these ~0.1-0.4 ms kernels
-                ms = time_ms(timers["fwd+bwd"], rep_ms=25, graph=device.type == "cuda" and use_graph)
+                ms = time_ms(timers["fwd+bwd"], rep_ms=25, graph=graphed)
             except Exception as exc:  # noqa: BLE001 - a config that fails is a result too
                 extra["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                if "capture" in str(exc).lower():  # graphs unusable here: time eagerly from now on
-                    use_graph = False
+                if "capture" in str(exc).lower() and use_graph:  # graphs unusable: eager from now on,
+                    use_graph = False  # in rows of their own case, with the baseline timed eagerly too
+                    queue = ([(BASELINE, None)] if spec is not None else []) + [(provider, spec)] + queue
             finally:
                 os.environ.pop("DITPERF_NORM_BWD_CONFIGS", None)
                 norms_mod._bwd_kernel.cache_clear()
             gbps = None if ms is None else nbytes / (ms * 1e-3) / 1e9
-            rows.append(Row(BENCH, f"{case.name} fwd+bwd graph sweep", case.shape, provider, ms=ms, gbps=gbps,
+            rows.append(Row(BENCH, f"{case.name} fwd+bwd {timing} sweep", case.shape, provider, ms=ms, gbps=gbps,
                             extra=extra))
             print(f"sweep {case.name:7s} {provider:22s} "
                   + (f"{ms:.4f} ms {gbps:6.0f} GB/s" if ms else str(extra.get("error"))), flush=True)
