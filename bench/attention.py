@@ -15,7 +15,7 @@ Shapes (B, H, Nq, Nk, D), bf16, SDPA layout, random normal inputs: self-attentio
 (8,16,1024,1024,72), (4,16,4096,4096,72), (4,16,4096,4096,128), (2,24,4096,4096,64),
 (1,16,16384,16384,128); cross-attention image->text (4,16,4096,120,72), and the same with a
 key mask (padded captions: each sample keeps 60-120 of its 120 text tokens). --quick:
-(4,16,4096,4096,72), (4,16,4096,4096,128), (4,16,4096,120,72).
+(4,16,4096,4096,72), (4,16,4096,4096,128), (4,16,4096,120,72) unmasked and masked.
 Modes: fwd (no autograd), bwd (autograd.grad on a retained graph), fwd+bwd.
 Providers: ditperf (its defaults: D=72 as one padded 128 tile on a GPU, 64+16 under the
 interpreter); ditperf-padded (forced padded; full run only, where it differs); ditperf-split32
@@ -128,7 +128,7 @@ FULL_SHAPES = [
     Shape(4, 16, 4096, 120, 72, mask=True),
 ]
 QUICK_SHAPES = [Shape(4, 16, 4096, 4096, 72), Shape(4, 16, 4096, 4096, 128),
-                Shape(4, 16, 4096, 120, 72)]
+                Shape(4, 16, 4096, 120, 72), Shape(4, 16, 4096, 120, 72, mask=True)]
 SMOKE_SHAPES = [Shape(1, 2, 40, 40, 72), Shape(2, 1, 33, 9, 32, mask=True)]
 
 
