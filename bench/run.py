@@ -117,6 +117,8 @@ def run_part(part: Part, out_dir: Path, time_left: float) -> dict:
     t0 = time.perf_counter()
     status = "ok"
     partial_path = parts_dir / f"{part.name}.partial.json"
+    for stale in (json_path, partial_path):  # an earlier run's files in the same --out are not this run's
+        stale.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "DITPERF_PARTIAL_JSON": str(partial_path)}
     with log_path.open("w") as log:
         log.write("$ " + " ".join(argv) + "\n")
@@ -227,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=420, help="total time budget in seconds")
     p.add_argument("--only", nargs="*", default=None, help="run only these parts (by name)")
     args = p.parse_args(argv)
+    # SIGTERM (device.sh's `timeout`) as an exception: the running part's `finally` then kills
+    # its process group, which lives in its own session, out of the signal's reach
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     import torch
 

@@ -190,7 +190,8 @@ def _mma(a, b, acc, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _to_i64(a, b, c):
-    return a.to(tl.int64), b.to(tl.int64), c.to(tl.int64)
+    # tl.cast, not .to(): Triton passes an integer argument equal to 1 as a constexpr
+    return tl.cast(a, tl.int64), tl.cast(b, tl.int64), tl.cast(c, tl.int64)
 
 
 @triton.jit
@@ -972,7 +973,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: t
             raise ValueError(f"key_mask has dtype {key_mask.dtype}; expected torch.bool "
                              "(True = real key)")
         check_tensor("key_mask", key_mask, shape=(b, k.shape[2]), last_dim_contiguous=False)
-    if b > _MAX_GRID_YZ or h > _MAX_GRID_YZ:  # grid (query blocks, H, B): CUDA caps y and z
+    if not reference and (b > _MAX_GRID_YZ or h > _MAX_GRID_YZ):  # kernel grid (blocks, H, B): y, z capped
         raise ValueError(f"batch {b} x heads {h}: each must be <= {_MAX_GRID_YZ} (CUDA grid limit); "
                          "call attention on chunks of the batch")
     tensors = [("q", q), ("k", k), ("v", v)]

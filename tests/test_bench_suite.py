@@ -212,7 +212,12 @@ def test_split32_trial_and_its_provider(tmp_path: Path, monkeypatch: pytest.Monk
     mod = bench_attention._attn_module()
     before = (mod.SPLIT_HEAD_DIM, mod.SPLIT_MIN)
     q, k, v = (torch.randn(1, 2, n, 72) for n in (37, 45, 45))
+    launched = []
+    real_launch = mod._launch
+    monkeypatch.setattr(mod, "_launch", lambda kind, grid, args, meta: (
+        launched.append((meta["SPLIT"], meta["BLOCK_D0"], meta["BLOCK_D1"])), real_launch(kind, grid, args, meta))[1])
     got = provs["ditperf-split32"](q, k, v, None)
+    assert launched == [(True, 64, 32)]  # the 64+32 kernels ran, not the default tiles
     assert (mod.SPLIT_HEAD_DIM, mod.SPLIT_MIN) == before
     torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=1e-4, atol=1e-4)
     with bench_attention._split_head_dim(True, split_min=32):

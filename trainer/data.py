@@ -272,7 +272,7 @@ def _bucket_index(root: Path, bucket: Bucket) -> tuple[Path, dict[str, Any]]:
 
 
 def verify_dataset(root: str | Path, schema: DatasetSchema | None = None, mode: str = "auto",
-                   auto_hash_limit_bytes: int = 2 << 30, hash_compressed: bool = True) -> DatasetSchema:
+                   auto_hash_limit_bytes: int = 2 << 30) -> DatasetSchema:
     """Check a local dataset against its schema before training; return the schema.
 
     ``mode``: ``"none"`` (schema only), ``"size"`` (every shard listed in each bucket's
@@ -281,9 +281,8 @@ def verify_dataset(root: str | Path, schema: DatasetSchema | None = None, mode: 
     ``auto_hash_limit_bytes``, else size). Both forms of a shard are checked when present:
     Streaming decompresses ``shard.N.mds.zstd`` to ``shard.N.mds`` next to it on first read of a
     local dataset (and reads the ``.mds`` from then on); a shard is missing only when neither is.
-    Unless ``mode="none"`` or ``hash_compressed=False`` (the other ranks of a run, where rank 0
-    checks), compressed shards without their ``.mds`` are hash-checked in every mode: Streaming
-    would hash them on first read anyway, inside a loader worker.
+    A shard that fails Streaming's own hash check later, while a loader decompresses it, stops
+    the run with a :class:`DataError` naming it (``LatentDataset.prepare_shard``).
     """
     root = Path(root)
     schema = schema or DatasetSchema.load(root)
@@ -293,7 +292,7 @@ def verify_dataset(root: str | Path, schema: DatasetSchema | None = None, mode: 
         raise DataError(f"dataset {root} is empty: {SCHEMA_FILE} lists 0 samples")
     if mode == "none":
         return schema
-    plans: list[tuple[Path, str | None, int, bool]] = []  # (file, expected hash, bytes, hash always)
+    plans: list[tuple[Path, str | None, int]] = []  # (file, expected hash, expected bytes)
     for bucket in schema.buckets:
         index_path, index = _bucket_index(root, bucket)
         try:
@@ -306,24 +305,22 @@ def verify_dataset(root: str | Path, schema: DatasetSchema | None = None, mode: 
         if n != bucket.samples:
             raise DataError(f"{index_path}: lists {n} samples but {SCHEMA_FILE} says bucket {bucket.name} "
                             f"has {bucket.samples} (incomplete write?)")
-    total_bytes = sum(p[2] for p in plans)
+    total_bytes = sum(b for _, _, b in plans)
     do_hash = mode == "hashes" or (mode == "auto" and total_bytes <= auto_hash_limit_bytes)
-    for path, digest, nbytes, always in plans:
+    for path, digest, nbytes in plans:
         size = path.stat().st_size
         if size != nbytes:
             raise DataError(f"corrupt shard {path}: {size} bytes on disk, index.json says {nbytes}")
-        if (do_hash or (always and hash_compressed)) and digest is not None and _xxh64_file(path) != digest:
+        if do_hash and digest is not None and _xxh64_file(path) != digest:
             raise DataError(f"corrupt shard {path}: {HASH} hash mismatch (index.json says {digest}); "
                             f"restore the file or re-create the dataset")
     return schema
 
 
 def _plan_bucket(schema: DatasetSchema, bucket: Bucket, index_path: Path, index: dict[str, Any],
-                 plans: list[tuple[Path, str | None, int, bool]]) -> int:
+                 plans: list[tuple[Path, str | None, int]]) -> int:
     """Check one bucket's index against the schema, append its shard files to ``plans``
-    and return its sample count. A compressed shard not decompressed yet is always
-    hash-checked ("always"): Streaming hashes it when it first decompresses it anyway, but
-    inside a loader worker, where a mismatch used to stall the run instead of stopping it."""
+    and return its sample count."""
     expected_cols = schema.columns(bucket)
     n = 0
     if not isinstance(index, dict) or not isinstance(index.get("shards", []), list):
@@ -341,8 +338,7 @@ def _plan_bucket(schema: DatasetSchema, bucket: Bucket, index_path: Path, index:
         present = False
         for path, info in ((raw_path, raw), (zip_path, zipped)):
             if path is not None and path.is_file():
-                always = path == zip_path and not raw_path.is_file()
-                plans.append((path, info.get("hashes", {}).get(HASH), int(info["bytes"]), always))
+                plans.append((path, info.get("hashes", {}).get(HASH), int(info["bytes"])))
                 present = True
         if not present:
             missing = zip_path or raw_path
@@ -641,17 +637,20 @@ def _make_dataset_class() -> type:
             in its shared PREPARING state, where every other worker waiting for it sleeps
             forever (a stalled run): the state is put back first, so they retry, fail the
             same way and stop too."""
-            before = self._shard_states[shard_id]
             try:
                 super().prepare_shard(shard_id, blocking)
             except Exception as exc:  # re-raised as a DataError naming the shard
                 from streaming.base.dataset import _ShardState
 
-                if self._shard_states[shard_id] == _ShardState.PREPARING and before != _ShardState.PREPARING:
-                    self._shard_states[shard_id] = before
                 reader = self.shards[shard_id]
                 where = os.path.join(reader.dirname, reader.split or "")
                 names = [info.basename for pair in reader.file_pairs for info in pair if info is not None]
+                # Streaming raises from the shard's download/decompression only in the caller
+                # that moved it to PREPARING: this one. Back to LOCAL when a form of it is on
+                # disk (decompress again), else REMOTE (download again).
+                if self._shard_states[shard_id] == _ShardState.PREPARING:
+                    local = any(os.path.isfile(os.path.join(where, n)) for n in names)
+                    self._shard_states[shard_id] = _ShardState.LOCAL if local else _ShardState.REMOTE
                 msg = (f"cannot read shard {', '.join(names)} in {where}: {type(exc).__name__}: {exc}; "
                        "restore the file (`ditperf data verify` checks every shard) or re-create the dataset")
                 self._ditperf_failure = msg

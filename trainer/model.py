@@ -141,8 +141,10 @@ class BatchIndexCallback(Callback):
         unwrap(state.model).start_batch(int(state.timestamp.batch.value))
 
 
-def _any_flag(flag: torch.Tensor) -> bool:
-    """True when ``flag`` (float (1,)) is > 0 on any rank (one all-reduce, then one sync)."""
+def _any_flag(flag: torch.Tensor, state: State) -> bool:
+    """True when ``flag`` (float (1,)) is > 0 on any rank (one all-reduce on the run's device,
+    whose backend may not take CPU tensors, then one sync)."""
+    flag = state.device.tensor_to_device(flag)
     if dist.get_world_size() > 1:
         dist.all_reduce(flag, reduce_operation="MAX")
     return bool(flag.item() > 0)
@@ -207,7 +209,7 @@ class NaNGuard(Callback):
             loss = sum(loss)
         assert isinstance(loss, torch.Tensor)
         bad = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
-        if _any_flag(bad):
+        if _any_flag(bad, state):
             raise NonFiniteLossError(int(state.timestamp.batch.value), float(loss.detach().float().mean().item()))
 
     def batch_end(self, state: State, logger: Logger) -> None:
@@ -216,12 +218,11 @@ class NaNGuard(Callback):
             t = p.to_local() if hasattr(p, "to_local") else p  # FSDP2 DTensor: this rank's shard
             if t.numel():
                 groups.setdefault((t.device, t.dtype), []).append(t.detach())
-        if not groups:
-            return
-        # the sum of the norms is NaN/inf exactly when some element is
-        totals = [torch.stack(torch._foreach_norm(ts)).sum().float() for ts in groups.values()]
-        dev = next(iter(groups))[0]
-        bad = (~torch.isfinite(torch.stack([t.to(dev) for t in totals]))).any().to(torch.float32).reshape(1)
-        if _any_flag(bad):
+        # the sum of the norms is NaN/inf exactly when some element is; a rank without local
+        # elements still joins the all-reduce
+        totals = [state.device.tensor_to_device(torch.stack(torch._foreach_norm(ts)).sum().float().reshape(1))
+                  for ts in groups.values()]
+        bad = (~torch.isfinite(torch.cat(totals))).any().to(torch.float32).reshape(1) if totals else torch.zeros(1)
+        if _any_flag(bad, state):
             # timestamp.batch already counts this batch at BATCH_END: report its index as the loss check does
             raise NonFiniteParamsError(int(state.timestamp.batch.value) - 1)

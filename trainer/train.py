@@ -118,7 +118,7 @@ def prepare_data(cfg: dict[str, Any], mcfg: Any, batch: int, world_size: int, ra
     else:
         # rank 0 checks hashes, other ranks only sizes (same files, no need to read them N times)
         mode = d["verify"] if rank == 0 or d["verify"] in ("none", "size") else "size"
-        schema = D.verify_dataset(local, mode=mode, hash_compressed=rank == 0)
+        schema = D.verify_dataset(local, mode=mode)
     D.check_compatible(schema, mcfg, remote or local)
     gbs = batch * world_size
     small = [b for b in schema.buckets if 0 < b.samples < gbs]
