@@ -54,7 +54,11 @@ def random_feeds(session, *, seed: int = 0, dims: dict[str, int] | None = None,
 
 
 def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict:
-    """Per-output and overall ``max_abs`` / ``max_rel`` (see the module docstring)."""
+    """Per-output and overall ``max_abs`` / ``max_rel`` (see the module docstring).
+
+    Non-finite values must sit at the same places with the same value (NaN where the
+    reference has NaN, +inf where it has +inf); anything else, or a reference without a
+    single finite value, makes that output's errors NaN, which no tolerance accepts."""
     per = {}
     for name, r in ref.items():
         if name not in got:
@@ -63,15 +67,24 @@ def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> d
         b = np.asarray(r, dtype=np.float64)
         if a.shape != b.shape:
             raise ValueError(f"output {name!r}: shape {a.shape} != reference {b.shape}")
-        nan = bool(np.isnan(a).any() != np.isnan(b).any())
-        diff = np.abs(a - b)
-        diff = diff[~np.isnan(diff)] if not nan else diff
+        fin_a, fin_b = np.isfinite(a), np.isfinite(b)
+        same_nonfinite = bool(np.array_equal(fin_a, fin_b) and np.array_equal(np.isnan(a), np.isnan(b))
+                              and np.array_equal(a[np.isinf(b)], b[np.isinf(b)]))
+        ok = same_nonfinite and (fin_b.any() or b.size == 0)
+        diff = np.abs(a[fin_b] - b[fin_b]) if ok else np.empty(0)
         max_abs = float(diff.max()) if diff.size else 0.0
-        scale = float(np.nanmax(np.abs(b))) if b.size else 0.0
-        per[name] = {"max_abs": max_abs if not nan else float("nan"),
-                     "max_rel": (max_abs / scale if scale > 0 else max_abs) if not nan
-                     else float("nan"),
-                     "ref_max": scale, "shape": list(b.shape)}
-    return {"outputs": per,
-            "max_abs": max((v["max_abs"] for v in per.values()), default=0.0),
-            "max_rel": max((v["max_rel"] for v in per.values()), default=0.0)}
+        scale = float(np.abs(b[fin_b]).max()) if fin_b.any() else 0.0
+        entry = {"max_abs": max_abs if ok else float("nan"),
+                 "max_rel": (max_abs / scale if scale > 0 else max_abs) if ok else float("nan"),
+                 "ref_max": scale, "shape": list(b.shape)}
+        if not ok:
+            entry["note"] = ("no finite reference value" if same_nonfinite else
+                             f"non-finite values differ: {int((~fin_a).sum())} vs {int((~fin_b).sum())} in the "
+                             "reference, or at other places")
+        per[name] = entry
+
+    def worst(key: str) -> float:
+        vals = [v[key] for v in per.values()]
+        return float("nan") if any(np.isnan(vals)) else max(vals, default=0.0)
+
+    return {"outputs": per, "max_abs": worst("max_abs"), "max_rel": worst("max_rel")}

@@ -37,6 +37,13 @@ def _user_error(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
     return wrapped
 
 
+def _positive(text: str) -> int:
+    value = _batch(text)
+    if value == "dynamic":
+        raise argparse.ArgumentTypeError("expected a positive integer, got 'dynamic'")
+    return int(value)
+
+
 def _batch(text: str) -> int | str:
     if text == "dynamic":
         return text
@@ -48,6 +55,21 @@ def _batch(text: str) -> int | str:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _check_out(path: str | None, what: str) -> None:
+    """Refuse an output path that cannot be written, before any work: a folder, or a parent
+    that is a file (an export of a large model would otherwise fail only at the end)."""
+    from ditperf.export.onnx_io import OnnxInputError
+
+    if not path:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise OnnxInputError(f"{what} {path} is a folder; give a file path")
+    parent = next((q for q in p.parents if q.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise OnnxInputError(f"{what} {path}: {parent} is a file, not a folder")
 
 
 def _write_json(path: str | None, payload: dict) -> None:
@@ -81,6 +103,8 @@ def _print_check(check: dict) -> None:
 def _run_onnx(args: argparse.Namespace) -> int:
     from ditperf.export.onnx_export import ExportSpec, export_onnx
 
+    _check_out(args.out, "--out")
+    _check_out(args.json, "--json")
     ext = {"auto": None, "yes": True, "no": False}[args.external_data]
     spec = ExportSpec(preset=args.preset, out=args.out, ckpt=args.ckpt, height=args.height,
                       width=args.width, text_len=args.text_len, batch=args.batch,
@@ -109,6 +133,7 @@ def _run_onnx(args: argparse.Namespace) -> int:
 def _run_check(args: argparse.Namespace) -> int:
     from ditperf.export.onnx_export import check_file
 
+    _check_out(args.json, "--json")
     res = check_file(args.model, preset=args.preset, ckpt=args.ckpt, backend=args.backend,
                      batch=args.batch, log=_log)
     _print_check(res)
@@ -152,6 +177,11 @@ def _run_surgery(args: argparse.Namespace) -> int:
         verify_numerics,
     )
 
+    _check_out(args.output, "output")
+    _check_out(args.json, "--json")
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise OnnxInputError(f"output {args.output} is the input: write the result to another file "
+                             "(the numeric check compares the two)")
     passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes \
         else list(DEFAULT_PASSES)
     opts = SurgeryOptions(opset=args.opset,
@@ -178,6 +208,7 @@ def _run_surgery(args: argparse.Namespace) -> int:
                       keep_in_memory=False)
     del new
     verify = None
+    failed_verify = False
     if args.no_verify or (big and not args.verify):
         if big and not args.no_verify:
             print("onnxruntime check skipped: the model is over 2 GiB (onnxruntime would hold "
@@ -187,13 +218,17 @@ def _run_surgery(args: argparse.Namespace) -> int:
             verify = verify_numerics(args.input, path)
             print(f"onnxruntime check (random inputs): max abs diff {verify['max_abs']:.3g}, "
                   f"max rel {verify['max_rel']:.3g}")
+            if verify["max_rel"] != verify["max_rel"]:  # NaN: non-finite values differ
+                notes = "; ".join(f"{k}: {v['note']}" for k, v in verify["outputs"].items() if "note" in v)
+                print(f"error: the rewritten graph's outputs differ in non-finite values ({notes})")
+                failed_verify = True
         except OnnxInputError as exc:
             print(f"onnxruntime check skipped: {exc}")
     print(f"wrote {path} ({n_nodes} nodes, opset {opset})")
     _write_json(args.json, {"schema": "ditperf.surgery/1", "input": args.input,
                             "output": str(path), "passes": [r.to_dict() for r in reports],
                             "verify": verify})
-    return 0
+    return 1 if failed_verify else 0
 
 
 # -- coverage --------------------------------------------------------------------------------
@@ -202,6 +237,7 @@ def _run_surgery(args: argparse.Namespace) -> int:
 def _run_coverage(args: argparse.Namespace) -> int:
     from ditperf.export.coverage import coverage, render
 
+    _check_out(args.json, "--json")
     report = coverage(args.model, trt_version=args.trt_version)
     if not args.quiet:
         render(report)
@@ -283,7 +319,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--preset", help="override the preset recorded in the file")
     c.add_argument("--ckpt", help="checkpoint with the weights the file was exported from")
     c.add_argument("--backend", choices=["torch", "triton"], help="PyTorch backend to compare")
-    c.add_argument("--batch", type=int, help="batch to run (dynamic-batch files: any)")
+    c.add_argument("--batch", type=_positive, help="batch to run (dynamic-batch files: any)")
     c.add_argument("--json", help="write the result as JSON")
     c.set_defaults(func=_user_error(_run_check))
 

@@ -182,10 +182,10 @@ def _used(name: str, facts: GraphFacts) -> bool:
 
 
 def _primary_type(node: onnx.NodeProto, facts: GraphFacts) -> str | None:
-    for name in list(node.input) + list(node.output):
-        if name and name in facts.types:
-            return dtype_name(facts.types[name])
-    return None
+    """The type the op computes in: its first non-bool input's (Where's condition or a mask
+    is not what decides support), else the first typed input or output."""
+    found = [dtype_name(facts.types[n]) for n in list(node.input) + list(node.output) if n and n in facts.types]
+    return next((t for t in found if t != "BOOL"), found[0] if found else None)
 
 
 @dataclass
@@ -238,14 +238,24 @@ def _static_checks(node: onnx.NodeProto, facts: GraphFacts, rule: OpRule, ptype:
             reasons.append("Resize keep_aspect_ratio_policy must be 'stretch'")
     if op == "TopK" and _attr(node, "sorted", 1) != 1:
         reasons.append("TopK requires sorted=1")
+    if op == "ScatterND" and _attr(node, "reduction", "none") != "none":
+        reasons.append(f"ScatterND reduction '{_attr(node, 'reduction')}' unsupported (only none)")
     return reasons
 
 
 def _judge_node(i: int, node: onnx.NodeProto, facts: GraphFacts, rules: dict[str, OpRule],
-                trt_version: str, pitfalls: dict) -> NodeVerdict:
+                trt_version: str, pitfalls: dict,
+                functions: dict[tuple[str, str], onnx.FunctionProto] | None = None) -> NodeVerdict:
     name = node.name or f"{node.op_type}_{i}"
     ptype = _primary_type(node, facts)
     types = [ptype] if ptype else []
+    fn = (functions or {}).get((node.domain, node.op_type))
+    if fn is not None:  # a model-local function: the parser inlines it, so its body decides
+        body = onnx.helper.make_graph(list(fn.node), fn.name, [], [])
+        bad = _unsupported_in_body(body, rules, trt_version, pitfalls, functions)
+        return NodeVerdict(i, name, node.op_type, node.domain, not bad, "function", types,
+                           [f"local function body contains unsupported node(s): {', '.join(bad[:5])}"]
+                           if bad else [])
     if node.domain not in DEFAULT_DOMAINS:
         return NodeVerdict(i, name, node.op_type, node.domain, False, "plugin", types,
                            [(f"custom domain '{node.domain}': needs a TensorRT plugin "
@@ -274,11 +284,12 @@ def _bodies(node: onnx.NodeProto) -> Iterable[onnx.GraphProto]:
             yield from a.graphs
 
 
-def _unsupported_in_body(graph: onnx.GraphProto, rules, trt_version, pitfalls) -> list[str]:
+def _unsupported_in_body(graph: onnx.GraphProto, rules, trt_version, pitfalls,
+                         functions: dict[tuple[str, str], onnx.FunctionProto] | None = None) -> list[str]:
     facts = _graph_facts(graph)
     bad = []
     for i, n in enumerate(graph.node):
-        v = _judge_node(i, n, facts, rules, trt_version, pitfalls)
+        v = _judge_node(i, n, facts, rules, trt_version, pitfalls, functions)
         if not v.supported:
             bad.append(f"{v.name} ({n.op_type})")
     return bad
@@ -388,7 +399,9 @@ def _model_issues(model: onnx.ModelProto, opset_range: tuple[int, int],
         issues.append({"kind": "advice", "message": f"{n_ln} decomposed LayerNorm chain(s) "
                        "(ReduceMean/Sub/Pow...) overflow in FP16 under TensorRT: run "
                        "`ditperf export surgery --passes fold-layernorm` (opset >= 17)"})
-    custom = sorted({n.domain for n in model.graph.node if n.domain not in DEFAULT_DOMAINS})
+    local = {(f.domain, f.name) for f in model.functions}  # inlined by the parser: not plugins
+    custom = sorted({n.domain for n in model.graph.node
+                     if n.domain not in DEFAULT_DOMAINS and (n.domain, n.op_type) not in local})
     if custom:
         issues.append({"kind": "plugin", "message": "custom domain(s) "
                        f"{', '.join(custom)}: their nodes need TensorRT plugins"})
@@ -401,7 +414,8 @@ def analyze(model: onnx.ModelProto, *, trt_version: str = "10.1", path: str = ""
     pitfalls = load_matrix()["pitfalls"]
     inferred = _infer(model)
     facts = _graph_facts(inferred.graph)
-    verdicts = [_judge_node(i, n, facts, rules, trt_version, pitfalls)
+    functions = {(f.domain, f.name): f for f in inferred.functions}
+    verdicts = [_judge_node(i, n, facts, rules, trt_version, pitfalls, functions)
                 for i, n in enumerate(inferred.graph.node)]
     issues = _model_issues(inferred, opset_range, caveats)
     return _report(inferred, path, "matrix", trt_version, verdicts, rules, opset_range, issues)

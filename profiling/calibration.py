@@ -206,7 +206,19 @@ def load_calibrations(path: str | os.PathLike[str]) -> dict[str, Calibration]:
         raise ValueError(f"{p} is not a {FORMAT} file")
     if int(doc.get("schema_version", 0)) > SCHEMA_VERSION:
         raise ValueError(f"{p} has schema_version {doc['schema_version']}; this ditperf reads <= {SCHEMA_VERSION}")
-    return {k: Calibration.from_dict(v) for k, v in doc.get("calibrations", {}).items()}
+    cals = doc.get("calibrations", {})
+    if not isinstance(cals, dict):
+        raise ValueError(f"{p}: 'calibrations' must be an object keyed by GPU/driver/limit")  # noqa: TRY004 - one exception type for every malformed file
+    out: dict[str, Calibration] = {}
+    for key, entry in cals.items():
+        try:
+            cal = Calibration.from_dict(entry)
+            if len(cal.knots_power_w) != len(cal.knots_mfu) or not cal.knots_power_w:
+                raise ValueError("knots_power_w and knots_mfu must be non-empty and of one length")
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{p}: calibration {key!r} is malformed ({exc})") from None
+        out[key] = cal
+    return out
 
 
 def save_calibration(cal: Calibration, path: str | os.PathLike[str] | None = None) -> Path:

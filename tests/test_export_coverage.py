@@ -103,6 +103,35 @@ def test_unsupported_unknown_and_custom_domain_ops():
     assert any(i["kind"] == "plugin" for i in r["issues"])
 
 
+def test_scatternd_reduction_where_types_and_local_functions():
+    """ScatterND with a reduction is refused; Where is judged by its data type, not its bool
+    condition; a call of a model-local function is judged by the function's body (the
+    parser inlines it), not reported as a plugin."""
+    nodes = [helper.make_node("ScatterND", ["x", "idx", "upd"], ["s"], reduction="add"),
+             helper.make_node("Where", ["c", "s", "x"], ["w"])]
+    m = _model(nodes, [_vi("x"), _vi("idx", T.INT64, (1, 1)), _vi("upd", T.FLOAT, (1, 8)),
+                       _vi("c", T.BOOL)], [_vi("w")])
+    report = cov.analyze(m)
+    assert "reduction 'add' unsupported" in " ".join(_row(report, "ScatterND")["reasons"])
+    assert _row(report, "Where")["types_used"] == ["FP32"]
+    fn = helper.make_function("local", "Sq", ["a"], ["b"], [helper.make_node("Mul", ["a", "a"], ["b"])],
+                              [helper.make_opsetid("", 18)])
+    g = helper.make_graph([helper.make_node("Sq", ["x"], ["y"], domain="local")], "g", [_vi("x")], [_vi("y")])
+    local = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("local", 1)],
+                              functions=[fn])
+    report = cov.analyze(local)
+    assert report["summary"]["fully_supported"], report
+    assert _row(report, "Sq")["decided_by"] == ["function"]
+    assert not any(i["kind"] == "plugin" for i in report["issues"])
+    bad_fn = helper.make_function("local", "Sq", ["a"], ["b"], [helper.make_node("Mul", ["a", "a"], ["m"]),
+                                                               helper.make_node("NonExistentOp", ["m"], ["b"])],
+                                  [helper.make_opsetid("", 18)])
+    local.ClearField("functions")
+    local.functions.append(bad_fn)
+    row = _row(cov.analyze(local), "Sq")
+    assert row["supported"] == "N" and "NonExistentOp" in " ".join(row["reasons"])
+
+
 def test_static_checks():
     nodes = [
         # LayerNormalization with its Mean output used

@@ -272,3 +272,45 @@ def test_infer_shapes_on_weightless_skeleton():
     light = skeleton(m)
     assert light.ByteSize() < 2048 * 4  # the weights' bytes are not in the skeleton
     onnx.checker.check_model(light, full_check=True)  # the > 2 GiB check_model path
+
+
+def test_compare_outputs_never_accepts_mismatched_non_finite_values():
+    from ditperf.export.check import compare_outputs
+
+    nan, inf = float("nan"), float("inf")
+    same = compare_outputs({"v": np.array([1.0, nan, inf])}, {"v": np.array([1.1, nan, inf])})
+    assert same["max_abs"] == pytest.approx(0.1) and same["max_rel"] == pytest.approx(0.1)
+    for ref, got in (([1.0, nan, 3.0], [nan, 2.0, 3.0]),  # NaNs at other places
+                     ([nan, nan], [nan, nan]),            # nothing finite to compare
+                     ([1.0, inf], [1.0, -inf]),           # infinities of other signs
+                     ([1.0, 2.0], [1.0, nan])):
+        res = compare_outputs({"v": np.array(ref)}, {"v": np.array(got)})
+        assert np.isnan(res["max_rel"]) and "note" in res["outputs"]["v"], (ref, got)
+    two = compare_outputs({"a": np.array([1.0]), "b": np.array([nan])}, {"a": np.array([1.0]), "b": np.array([1.0])})
+    assert np.isnan(two["max_abs"])  # one bad output makes the overall result fail, whatever the order
+
+
+def test_cli_refuses_bad_output_paths_before_working(tmp_path, capsys):
+    from ditperf.cli.main import main
+
+    m = _model([helper.make_node("Relu", ["x"], ["y"])],
+               [helper.make_tensor_value_info("x", T.FLOAT, [2, 3])],
+               [helper.make_tensor_value_info("y", T.FLOAT, [2, 3])])
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (["export", "onnx", "--preset", "tiny", "--out", str(tmp_path)], "is a folder"),
+        (["export", "onnx", "--preset", "tiny", "--out", str(tmp_path / "afile" / "x.onnx")], "is a file, not a folder"),
+        (["export", "surgery", str(src), str(src)], "is the input"),
+        (["export", "surgery", str(src), str(tmp_path)], "is a folder"),
+        (["export", "coverage", str(src), "--json", str(tmp_path)], "is a folder"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert onnx.load(src).graph.node[0].op_type == "Relu"  # the input is untouched
+    with pytest.raises(SystemExit):
+        main(["export", "check", str(src), "--batch", "0"])
+    assert "expected a positive integer" in capsys.readouterr().err

@@ -113,6 +113,18 @@ def test_corrupt_calibration_file_is_reported(tmp_path):
         load_calibrations(bad)
     cal, note = find_calibration(DeviceInfo(index=0, name="x"), bad)
     assert cal is None and "cannot be read" in note
+    import json
+
+    from ditperf.profiling.calibration import FORMAT
+
+    for doc, match in (({"format": FORMAT, "calibrations": []}, "must be an object"),
+                       ({"format": FORMAT, "calibrations": {"h100": {"gpu_name": "H100"}}},
+                        "calibration 'h100' is malformed")):
+        bad.write_text(json.dumps(doc))
+        with pytest.raises(ValueError, match=match):
+            load_calibrations(bad)
+        cal, note = find_calibration(DeviceInfo(index=0, name="x"), bad)  # a note, not a traceback
+        assert cal is None and match.split("'")[0] in note
 
 
 def test_roofline_point_bounds():
