@@ -234,9 +234,15 @@ def _metrics(row: dict[str, Any], history: list[dict[str, Any]], prefix: str) ->
 
 
 def _fit_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Whole-fit numbers from the intervals (time-weighted where a ratio)."""
+    """Whole-fit numbers from the intervals (time-weighted where a ratio). Energy, J/img and
+    mean power come from the intervals whose energy was measured only (an interval without
+    it would otherwise count as 0 J and bias them low); ``energy_coverage`` is their share
+    of the time."""
     secs = sum(h["seconds"] for h in history)
-    energy = sum(h["energy_j"] or 0.0 for h in history)
+    measured = [h for h in history if h["energy_j"] is not None]
+    energy = sum(h["energy_j"] for h in measured) if measured else None
+    secs_e = sum(h["seconds"] for h in measured)
+    items_e = sum(h["items"] or 0.0 for h in measured)
     items = sum(h["items"] or 0.0 for h in history)
 
     def tw(key: str) -> float | None:
@@ -245,8 +251,10 @@ def _fit_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
             return None
         return sum(v * t for v, t in vals) / sum(t for _, t in vals)
 
-    return {"seconds": secs, "energy_j": energy, "items": items, "energy_per_img_j": energy / items if items else None,
-            "mean_w": energy / secs if secs > 0 else None, "proxy_util": tw("proxy_util"),
+    return {"seconds": secs, "energy_j": energy, "items": items,
+            "energy_per_img_j": energy / items_e if energy is not None and items_e else None,
+            "mean_w": energy / secs_e if energy is not None and secs_e > 0 else None,
+            "energy_coverage": secs_e / secs if secs > 0 else None, "proxy_util": tw("proxy_util"),
             "proxy_util_net_idle": tw("proxy_util_net_idle"), "throttle_share": tw("throttle_share"),
             "estimated_mfu": tw("estimated_mfu"), "flops_mfu": tw("flops_mfu")}
 

@@ -126,3 +126,19 @@ def test_profiling_imports_without_composer():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "IMPORT-ERROR PowerCallback needs Composer" in proc.stdout
+
+
+def test_fit_summary_uses_only_intervals_with_measured_energy():
+    """An interval whose energy could not be measured does not count as 0 J: energy, J/img
+    and mean power come from the measured intervals, and the coverage says how much that is."""
+    from ditperf.profiling.callback import _fit_summary
+
+    history = [{"seconds": 2.0, "energy_j": 1000.0, "items": 100, "proxy_util": 0.7},
+               {"seconds": 1.0, "energy_j": None, "items": 50, "proxy_util": None},
+               {"seconds": 2.0, "energy_j": 1200.0, "items": 100, "proxy_util": 0.8}]
+    fit = _fit_summary(history)
+    assert fit["energy_j"] == 2200.0 and fit["items"] == 250 and fit["seconds"] == 5.0
+    assert fit["mean_w"] == pytest.approx(550.0) and fit["energy_per_img_j"] == pytest.approx(11.0)
+    assert fit["energy_coverage"] == pytest.approx(0.8) and fit["proxy_util"] == pytest.approx(0.75)
+    none = _fit_summary([{"seconds": 1.0, "energy_j": None, "items": 5}])
+    assert none["energy_j"] is None and none["mean_w"] is None and none["energy_per_img_j"] is None
