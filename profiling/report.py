@@ -229,6 +229,10 @@ def print_summary(doc: dict[str, Any], console: Any = None) -> None:
                 f"{s.get('samples', 0)} ({_fmt(s.get('sample_rate_hz'), '.0f')})", _fmt(upd, ".0f", 1e3),
                 _fmt(s.get("throttle_share"), ".0f", 100, "%"))
     console.print(table)
+    if any(s.get("estimated_mfu") is not None for w in doc.get("windows", []) for s in w["devices"].values()):
+        console.print("est.MFU: the dense-GEMM MFU that draws this power (calibration); an upper bound for "
+                      "mixed work (memory-bound kernels draw power too: ~2x the analytic MFU on DiT training "
+                      "steps on an H100); flops MFU: analytic FLOPs / measured matmul roof")
     for d in doc.get("devices", []):
         notes = "; ".join(d.get("notes") or [])
         console.print(f"GPU {d['index']} {d['name']}: power from {d['power_field']}, idle "
