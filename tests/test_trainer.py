@@ -242,6 +242,15 @@ def test_checkpoint_folder_and_load_path_mistakes_lose_nothing(tiny_data: Path, 
     assert f"resuming from {ck / 'ep0-ba4-rank0.pt'}" in capsys.readouterr().out
     assert _ckpt(ck / "ep0-ba6-rank0.pt")["timestamp"]["Timestamp"]["batch"] == 6
     assert {p.name: p.read_bytes() for p in ck.glob("ep*.pt") if p.name in before} == before
+    # Composer's {run_name} placeholder in save_folder: the same checks on the real folder
+    named = ["train", "tiny-cpu", f"data.local={tiny_data}", "global_train_batch_size=4", "data.num_workers=0",
+             f"save_folder={tmp_path / '{run_name}' / 'ck'}", "max_duration=2ba", *CPU, *QUIET]
+    assert main(named) == 0
+    capsys.readouterr()
+    assert (tmp_path / "tiny-cpu" / "ck" / "ep0-ba2-rank0.pt").is_file()
+    assert (tmp_path / "tiny-cpu" / "ck" / "train_summary.json").is_file() and not (tmp_path / "{run_name}").exists()
+    assert main(named) == 2
+    assert f"save_folder {tmp_path / 'tiny-cpu' / 'ck'} already has checkpoints" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- training

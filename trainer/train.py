@@ -176,7 +176,7 @@ def build_callbacks(cfg: dict[str, Any], device: str) -> list[Any]:
             warnings.warn(f"callbacks.power: ditperf.profiling.PowerCallback is not available ({exc}); "
                           "training without power logging", stacklevel=2)
         else:
-            out_dir = power.get("out_dir") or (str(Path(cfg["save_folder"]) / "power") if cfg["save_folder"] else None)
+            out_dir = power.get("out_dir") or (str(Path(_save_dir(cfg)) / "power") if cfg["save_folder"] else None)
             kwargs = {"out_dir": out_dir} if out_dir else {}
             cbs.append(PowerCallback(interval_s=float(power["interval_s"]), log_interval=int(power["log_interval"]),
                                      **kwargs))
@@ -391,13 +391,13 @@ def _train(cfg: dict[str, Any]) -> dict[str, Any]:
                               "Lower optimizer.lr, check the data, or resume from the checkpoint.") from exc
     summary = summarize(trainer, info, cfg)
     if cfg["debug"]["param_digest"]:
-        folder = Path(cfg["save_folder"] or ".")
+        folder = Path(_save_dir(cfg) or ".")
         folder.mkdir(parents=True, exist_ok=True)
         from ditperf.trainer.model import unwrap
 
         doc = {**param_digest(trainer), "sample_ids": unwrap(trainer.state.model).seen_sample_ids}
         (folder / f"param_digest-rank{rank}.json").write_text(json.dumps(doc))
-    summary_file = cfg["summary_file"] or (Path(cfg["save_folder"]) / "train_summary.json" if cfg["save_folder"] else None)
+    summary_file = cfg["summary_file"] or (Path(_save_dir(cfg)) / "train_summary.json" if cfg["save_folder"] else None)
     if rank == 0:
         _print_summary(summary)
         if summary_file:
@@ -410,6 +410,19 @@ def _train(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 _CKPT_NAME = re.compile(r"ep(\d+)-ba(\d+)-rank0\.pt$")
+
+
+def _save_dir(cfg: dict[str, Any]) -> str | None:
+    """``save_folder`` with Composer's ``{run_name}`` placeholder filled in (as Composer does)."""
+    folder = cfg["save_folder"]
+    if not folder:
+        return None
+    if cfg.get("run_name") is None:  # Composer makes up a name per run: nothing to find
+        return str(folder)
+    try:
+        return str(folder).format(run_name=cfg["run_name"])
+    except (KeyError, IndexError, ValueError):  # other placeholders: Composer's business
+        return str(folder)
 
 
 def _checkpoints(folder: str | Path) -> list[Path]:
@@ -425,7 +438,7 @@ def _resume_plan(cfg: dict[str, Any]) -> dict[str, Any]:
     * autoresume with save_folder's ``latest`` link missing (e.g. deleted, or a copied
       folder) but checkpoints present: resume from the newest of them;
     * a load_path that does not exist (also under autoresume when there is nothing to resume)."""
-    folder = cfg["save_folder"]
+    folder = _save_dir(cfg)
     found = _checkpoints(folder) if folder and Path(folder).is_dir() else []
     load_path = cfg["load_path"]
     if found and not cfg["autoresume"] and not load_path and not cfg["save_overwrite"]:
@@ -467,7 +480,7 @@ def _clear_load_errors(cfg: dict[str, Any]) -> Iterator[None]:
 
 
 def _latest_checkpoint(cfg: dict[str, Any]) -> str | None:
-    folder = cfg["save_folder"]
+    folder = _save_dir(cfg)
     if not folder:
         return None
     _, rank, _ = _world()
