@@ -170,15 +170,29 @@ def _optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Opti
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
 
 
+def _autocast(device: torch.device) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _train_model(cfg: Any, device: torch.device) -> Any:
+    """The DiT of the training-step benchmark, perturbed off its zero init (also
+    bench/profile_step.py)."""
+    from ditperf.model import DiT
+
+    with torch.device(device):
+        model = DiT(cfg)
+    _perturb(model)
+    return model
+
+
 def _train_parts(model: torch.nn.Module, batch: int, device: torch.device) -> tuple[Any, dict, torch.autocast]:
     """(AdamW, batch, autocast) of the training-step benchmark (also bench/profile_step.py)."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    return _optimizer(model, device), _make_batch(model, batch, device), autocast
+    return _optimizer(model, device), _make_batch(model, batch, device), _autocast(device)
 
 
 def _train_case(name: str, batch: int, providers: list[str], device: torch.device, steps: int,
                 warmup: int, overrides: dict | None = None) -> list[Row]:
-    from ditperf.model import DiT, flops, get_config
+    from ditperf.model import flops, get_config
 
     cfg = get_config(name, **(overrides or {}))
     h, w = cfg.latent_size
@@ -190,12 +204,9 @@ def _train_case(name: str, batch: int, providers: list[str], device: torch.devic
     fl = flops(cfg, batch)["train"]
     rows: list[Row] = []
     _free()
-    with torch.device(device):
-        model = DiT(cfg)
-    _perturb(model)
+    model = _train_model(cfg, device)
     initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    data = _make_batch(model, batch, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    data, autocast = _make_batch(model, batch, device), _autocast(device)
     opt = None
     for provider in providers:
         print(f"  {provider}: running", flush=True)
@@ -276,7 +287,9 @@ def _cfg_model(cfg: Any, device: torch.device, sample_steps: int = 20) -> tuple[
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):
-        model = DiT(cfg).to(dtype).eval()
+        model = DiT(cfg)
+    _perturb(model)  # no timing on adaLN-Zero's zeros here either
+    model = model.to(dtype).eval()
     g = torch.Generator(device=device).manual_seed(0)
     x, _, *cond = model.example_inputs(1, device=device, generator=g)
     return model, x.float(), tuple(cond), time_grid(sample_steps, cfg.sample_shift, device)

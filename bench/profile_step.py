@@ -16,8 +16,9 @@ image, model batch 2, bf16 weights), the latter back to back as a sampler runs t
 
 Rows: one per (provider, category): ``ms`` = device time per step in that category (on CPU:
 host time of the ops), ``extra.top`` = the category's largest kernels. One row per provider
-with case ``step``: wall ms per step (profiled, back to back), ``extra.device_busy_ms``, and
-``extra.synced_call_ms`` (median of single calls each followed by a sync, unprofiled). Categories are assigned from
+with case ``step``: wall ms per step (back to back, unprofiled), ``extra.device_busy_ms`` (from
+the profiled run), ``extra.profiled_wall_ms``, and ``extra.synced_call_ms`` (median of single
+calls each followed by a sync, unprofiled). Categories are assigned from
 kernel names (see ``CATEGORIES``); unmatched kernels are ``other``, listed so nothing hides.
 With ``--out F.json`` also ``F.png``: stacked bars per provider, wall time marked.
 """
@@ -77,14 +78,13 @@ def _kernel_times(prof: Any, cuda: bool) -> dict[str, float]:
 
 def _train_setup(provider: str, preset: str, batch: int, device: torch.device) -> tuple[Any, str, Any]:
     """(step function, shape label, model): one optimizer step as bench/model.py times it."""
-    from ditperf.model import DiT, get_config
+    from ditperf.model import get_config
 
     import model as M  # bench/model.py: the same step, model and batch as the model benchmark
 
     cfg = get_config(preset)
     torch.manual_seed(0)
-    with torch.device(device):
-        net = DiT(cfg)
+    net = M._train_model(cfg, device)
     M._set_backend(net, provider)
     opt, data, autocast = M._train_parts(net, batch, device)
     shape = f"train B={batch} {cfg.latent_channels}x{cfg.latent_size[0]}x{cfg.latent_size[1]} ({cfg.num_tokens()} tok)"

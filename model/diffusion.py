@@ -93,11 +93,14 @@ def _batch_cond(model: DiT, batch: dict[str, torch.Tensor]) -> Cond:
 
 
 def edit_pair(cfg_name: str, edit: bool, source: torch.Tensor | None,
-              mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Validate and normalize an (edit_source, edit_mask) pair: None for a non-edit config
-    given neither; else (source * (1 - m), m) with m = (mask >= 0.5) in the mask's dtype.
-    Raises ValueError for half a pair, or a pair for a config without edit channels."""
+              mask: torch.Tensor | None, *, required: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Validate and normalize an (edit_source, edit_mask) pair: None when neither is given;
+    else (source * (1 - m), m) with m = (mask >= 0.5) in the mask's dtype. Raises ValueError
+    for half a pair, a pair for a config without edit channels, or (``required``: sampling)
+    no pair for an edit config."""
     if source is None and mask is None:
+        if required and edit:
+            raise ValueError(f"config {cfg_name!r} has edit=True: edit_source and edit_mask must both be given")
         return None
     if not edit:
         raise ValueError(f"config {cfg_name!r} has edit=False: edit_source / edit_mask must not be given")
@@ -165,9 +168,7 @@ def make_step(model: DiT, cond: Cond, *, cfg_scale: float = 4.0, null_cond: Cond
     b = cond[0].shape[0]
     # checked here, on the caller's batch: inside the model it would be the doubled CFG batch
     check_conditioning(cfg, b, cond[0], cond[1] if len(cond) > 1 else None)
-    pair = edit_pair(cfg.name, cfg.edit, edit_source, edit_mask)
-    if pair is None and cfg.edit:
-        raise ValueError(f"config {cfg.name!r} has edit channels: pass edit_source and edit_mask")
+    pair = edit_pair(cfg.name, cfg.edit, edit_source, edit_mask, required=True)
     if pair is not None:
         if noise is None:
             raise ValueError("edits need noise= (the initial noise the kept region is re-noised with)")
@@ -269,9 +270,7 @@ def sample(model: DiT, cond: Cond | None = None, *, labels: torch.Tensor | None 
     if any(c is None for c in cond):
         need = "labels=" if cfg.conditioning == "class" else "text= and text_mask="
         raise ValueError(f"config {cfg.name!r} needs conditioning: pass {need} (or cond=)")
-    if cfg.edit and edit_mask is None and edit_source is None:
-        raise ValueError(f"config {cfg.name!r} has edit=True: edit_source and edit_mask must both be given")
-    pair = edit_pair(cfg.name, cfg.edit, edit_source, edit_mask)
+    pair = edit_pair(cfg.name, cfg.edit, edit_source, edit_mask, required=True)
     b, dev = cond[0].shape[0], cond[0].device
     if noise is not None:
         shape = tuple(noise.shape)

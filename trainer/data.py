@@ -297,9 +297,9 @@ def verify_dataset(root: str | Path, schema: DatasetSchema | None = None, mode: 
         index_path, index = _bucket_index(root, bucket)
         try:
             n = _plan_bucket(schema, bucket, index_path, index, plans)
+        except DataError:
+            raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            if isinstance(exc, DataError):
-                raise
             raise DataError(f"{index_path}: malformed index file ({type(exc).__name__}: {exc}); "
                             f"re-create bucket {bucket.name}") from exc
         if n != bucket.samples:

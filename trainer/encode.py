@@ -342,18 +342,17 @@ def encode_dataset(source: str | Path, out: str | Path, opts: EncodeOptions) -> 
     chunks = [items[i:i + opts.chunk_size] for i in range(0, len(items), opts.chunk_size)]
     from tqdm.auto import tqdm
 
-    for ci in range(len(chunks)):  # a finished chunk whose parts are gone or changed is redone
-        marker = state / f"chunk-{ci:05d}.json"
+    markers = [state / f"chunk-{ci:05d}.json" for ci in range(len(chunks))]  # written when a chunk is done
+    for ci, marker in enumerate(markers):  # a finished chunk whose parts are gone or changed is redone
         if marker.is_file() and not _chunk_intact(marker, ci, out, schema):
             print(f"ditperf data encode: chunk {ci}'s shards are missing or incomplete; encoding it again",
                   flush=True)
             marker.unlink()
-    done_items = sum(len(c) for i, c in enumerate(chunks) if (state / f"chunk-{i:05d}.json").is_file())
+    done_items = sum(len(c) for c, marker in zip(chunks, markers) if marker.is_file())
     bar = tqdm(total=len(items), initial=done_items, desc="encode", unit="img", disable=not opts.progress,
                dynamic_ncols=True)
     try:
-        for ci, chunk in enumerate(chunks):
-            marker = state / f"chunk-{ci:05d}.json"
+        for ci, (chunk, marker) in enumerate(zip(chunks, markers)):
             if marker.is_file():
                 continue
             skipped: list[str] = []
@@ -365,8 +364,7 @@ def encode_dataset(source: str | Path, out: str | Path, opts: EncodeOptions) -> 
     finally:
         bar.close()
     # every run's skips, from the chunk markers (a resumed encode keeps the earlier runs' list)
-    all_skipped = [p for ci in range(len(chunks))
-                   for p in json.loads((state / f"chunk-{ci:05d}.json").read_text()).get("skipped", [])]
+    all_skipped = [p for marker in markers for p in json.loads(marker.read_text()).get("skipped", [])]
     if all_skipped:
         (state / "skipped.txt").write_text("\n".join(all_skipped) + "\n")
     for b in schema.buckets:

@@ -32,8 +32,8 @@ FLOAT_KEYS = ("latents", "text", "edit_source", "edit_mask")
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN/inf; raised before the step is applied or saved."""
 
-    def __init__(self, batch: int, value: float) -> None:
-        super().__init__(f"loss became non-finite ({value}) at batch {batch}")
+    def __init__(self, batch: int, value: float, message: str | None = None) -> None:
+        super().__init__(message or f"loss became non-finite ({value}) at batch {batch}")
         self.batch, self.value = batch, value
 
 
@@ -42,9 +42,8 @@ class NonFiniteParamsError(NonFiniteLossError):
     infinite learning rate or an overflowing update); raised before that step is saved."""
 
     def __init__(self, batch: int) -> None:
-        RuntimeError.__init__(self, f"parameters became non-finite in the optimizer step of batch {batch} "
-                                    "(its loss was finite)")
-        self.batch, self.value = batch, float("nan")
+        super().__init__(batch, float("nan"), f"parameters became non-finite in the optimizer step of "
+                                              f"batch {batch} (its loss was finite)")
 
 
 def is_dit_block(module: torch.nn.Module) -> bool:

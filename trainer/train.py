@@ -409,7 +409,6 @@ def _train(cfg: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-_CKPT_NAME = re.compile(r"ep(\d+)-ba(\d+)-rank0\.pt$")
 
 
 def _save_dir(cfg: dict[str, Any]) -> str | None:
@@ -425,9 +424,12 @@ def _save_dir(cfg: dict[str, Any]) -> str | None:
         return str(folder)
 
 
-def _checkpoints(folder: str | Path) -> list[Path]:
-    """Composer's rank-0 checkpoint files in ``folder``, oldest to newest by (epoch, batch)."""
-    found = [(m, p) for p in Path(folder).glob("ep*-ba*-rank0.pt") if (m := _CKPT_NAME.search(p.name))]
+def _checkpoints(folder: str | Path, rank: int = 0) -> list[Path]:
+    """Composer's checkpoint files of ``rank`` in ``folder``, oldest to newest by (epoch, batch)."""
+    if not Path(folder).is_dir():
+        return []
+    name = re.compile(rf"ep(\d+)-ba(\d+)-rank{rank}\.pt$")
+    found = [(m, p) for p in Path(folder).glob(f"ep*-ba*-rank{rank}.pt") if (m := name.search(p.name))]
     return [p for m, p in sorted(found, key=lambda mp: (int(mp[0][1]), int(mp[0][2])))]
 
 
@@ -439,7 +441,7 @@ def _resume_plan(cfg: dict[str, Any]) -> dict[str, Any]:
       folder) but checkpoints present: resume from the newest of them;
     * a load_path that does not exist (also under autoresume when there is nothing to resume)."""
     folder = _save_dir(cfg)
-    found = _checkpoints(folder) if folder and Path(folder).is_dir() else []
+    found = _checkpoints(folder) if folder else []
     load_path = cfg["load_path"]
     if found and not cfg["autoresume"] and not load_path and not cfg["save_overwrite"]:
         raise ConfigError(f"save_folder {folder} already has checkpoints (newest: {found[-1].name}): continue "
@@ -463,7 +465,7 @@ def _clear_load_errors(cfg: dict[str, Any]) -> Iterator[None]:
     try:
         yield
     except FileExistsError as exc:
-        raise ConfigError(f"save_folder {cfg['save_folder']}: {exc}. To continue that run use autoresume=true "
+        raise ConfigError(f"save_folder {_save_dir(cfg)}: {exc}. To continue that run use autoresume=true "
                           "or load_path=; or pick another save_folder") from exc
     except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as exc:
         text = str(exc)
@@ -487,8 +489,7 @@ def _latest_checkpoint(cfg: dict[str, Any]) -> str | None:
     link = Path(folder) / f"latest-rank{rank}.pt"
     if link.exists():
         return str(link.resolve())
-    files = _checkpoints(folder) if rank == 0 and Path(folder).is_dir() else sorted(
-        Path(folder).glob(f"ep*-ba*-rank{rank}.pt"), key=lambda p: p.stat().st_mtime)
+    files = _checkpoints(folder, rank)
     return str(files[-1]) if files else None
 
 
