@@ -468,14 +468,30 @@ def _ratio(rows: list[Row], case: str, num: str, den: str) -> float | None:
     return ms[den] / ms[num] if num in ms and den in ms else None
 
 
-def targets(rows: list[Row], roof_tflops: float | None = None) -> dict[str, Any]:
+def _serial_floor_ms(case: str, provider: str, roof_tflops: float, roof_gbps: float) -> float | None:
+    """The CFG step's serial floor (``ditperf.profiling.step_traffic``: every kernel of the
+    provider's backend at its roofline time) at the measured roofs; None if not computable."""
+    from ditperf.profiling import step_traffic
+
+    preset = case.split()[1]  # "cfg-step <preset>[ (smoke)]"
+    backend = "triton" if "triton" in provider else "torch"
+    try:
+        return step_traffic(preset, backend, "cfg-step", 1).floors_ms(roof_tflops, roof_gbps)["serial_ms"]
+    except (ValueError, RuntimeError):
+        return None
+
+
+def targets(rows: list[Row], roof_tflops: float | None = None, roof_gbps: float | None = None) -> dict[str, Any]:
     """The issue's H100 targets, evaluated on the measured rows (None: not measured).
 
-    The CFG-step entries also carry the analytic floor: the step's FLOPs
+    The CFG-step entries also carry two analytic floors: the step's FLOPs
     (``ditperf.model.flops``, recovered from the row as TFLOP/s x ms) at 100% of the
-    measured bf16 matmul roof, and the share of that roof a 25 ms step needs. For t2i-1b
-    (15.7 TFLOP per step) that floor is 22.5 ms on a 701 TFLOP/s H100: 25 ms needs ~90% of
-    the roof over the whole step, attention and norms included."""
+    measured bf16 matmul roof, with the share of that roof a 25 ms step needs (t2i-1b: 15.7
+    TFLOP per step, 22.5 ms on a 701 TFLOP/s H100, so 25 ms needs ~90% of the roof over the
+    whole step); and the serial floor of the provider's backend (each kernel at its roofline
+    time, one after another: ``ditperf profile traffic t2i-1b --mode cfg-step``; at 701
+    TFLOP/s and 3000 GB/s 27.9 ms for the triton backend, 31.7 ms for torch, i.e. above 25 ms
+    as long as norms, GELU and residuals run as kernels of their own)."""
     out: dict[str, Any] = {}
     for case in sorted({r.case for r in rows if r.case.startswith("train")}):
         r1 = _ratio(rows, case, "triton", "eager")
@@ -492,6 +508,8 @@ def targets(rows: list[Row], roof_tflops: float | None = None) -> dict[str, Any]
                 tflop = r.tflops * r.ms * 1e-3  # the step's analytic TFLOP
                 entry["floor_ms_at_roof"] = tflop / roof_tflops * 1e3
                 entry["pct_of_roof_needed_for_25ms"] = 100 * tflop / 25e-3 / roof_tflops
+                if roof_gbps:
+                    entry["serial_floor_ms"] = _serial_floor_ms(r.case, r.provider, roof_tflops, roof_gbps)
             out[f"{r.case} [{r.provider}] <= 25 ms"] = entry
     return out
 
@@ -519,13 +537,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench/model.py: {exc}", file=sys.stderr)
         return 1
     roofs = None if args.smoke else roofs_or_none()
-    tg = {} if args.smoke else targets(rows, roofs.matmul_tflops if roofs else None)
+    tg = {} if args.smoke else targets(rows, roofs.matmul_tflops if roofs else None,
+                                       roofs.copy_gbps if roofs else None)
     finish(rows, title="ditperf model: training step and t2i inference", baseline="eager", out=args.out,
            roofs=roofs, extra_meta={"targets": tg, "datasheet_tflops": DATASHEET_TFLOPS})
     for k, v in tg.items():
         floor = "" if not v or "floor_ms_at_roof" not in v else (
             f"; floor {v['floor_ms_at_roof']:.1f} ms at the roof, 25 ms needs "
-            f"{v['pct_of_roof_needed_for_25ms']:.0f}% of it")
+            f"{v['pct_of_roof_needed_for_25ms']:.0f}% of it") + (
+            "" if not v or v.get("serial_floor_ms") is None else
+            f"; serial floor of this backend's kernels {v['serial_floor_ms']:.1f} ms")
         print(f"target {k}: " + ("not measured" if v is None else
                                  f"{v['value']:.3g} ({'met' if v['met'] else 'MISSED'}){floor}"))
     failed = [r for r in rows if r.ms is None]

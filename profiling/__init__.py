@@ -6,6 +6,8 @@
   process run under ``ditperf profile power``);
 * power -> MFU calibration (:class:`Calibration`, :func:`find_calibration`);
 * kernel timing and roofs (:func:`time_ms`, :func:`measure_roofs`, :func:`roofline_point`);
+* the analytic traffic of a model step, no GPU needed (:func:`step_traffic`: bytes and FLOPs
+  per operator on the meta device, serial and fused floors at given roofs);
 * ``PowerCallback`` for Composer (Composer is the optional ``train`` extra).
 
 Names are imported on first use (PEP 562), so ``ditperf --help`` and ``ditperf profile
@@ -27,13 +29,15 @@ _LAZY: dict[str, str] = {
     "print_summary": "report", "write_report": "report",
     "roofline_point": "roofline",
     "time_ms": "timing", "measure_roofs": "timing", "Roofs": "timing",
+    "StepTraffic": "traffic", "record_traffic": "traffic", "step_traffic": "traffic",
     "PowerCallback": "callback",  # needs Composer
 }
 
 __all__ = [
     "Calibration", "DeviceInfo", "NvmlReader", "PowerCallback", "PowerMonitor", "PowerUnavailable", "Reader",
-    "Reading", "ReplayReader", "Roofs", "find_calibration", "fit_monotone", "load_calibrations", "make_reader",
-    "measure_roofs", "power_window", "print_summary", "roofline_point", "save_calibration", "time_ms",
+    "Reading", "ReplayReader", "Roofs", "StepTraffic", "find_calibration", "fit_monotone", "load_calibrations", "make_reader",
+    "measure_roofs", "power_window", "print_summary", "record_traffic", "roofline_point", "save_calibration",
+    "step_traffic", "time_ms",
     "write_report",
 ]
 assert sorted(__all__) == sorted(_LAZY)
@@ -61,6 +65,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from ditperf.profiling.report import print_summary, write_report
     from ditperf.profiling.roofline import roofline_point
     from ditperf.profiling.timing import Roofs, measure_roofs, time_ms
+    from ditperf.profiling.traffic import StepTraffic, record_traffic, step_traffic
 
 
 def __getattr__(name: str) -> Any:

@@ -23,6 +23,7 @@ Measure what the GPU does, from NVML power telemetry.
   ditperf profile power -- CMD ARGS...   run a command under the power monitor
   ditperf profile calibrate              fit a power -> MFU map for this GPU (bf16 GEMM sweep)
   ditperf profile kernels                roofline of ditperf's Triton kernels vs torch
+  ditperf profile traffic PRESET         bytes and FLOPs per operator of a model step (no GPU)
 
 Power-proxy utilization = mean power / enforced power limit (and net of idle power): a
 cheap, always-available signal of how busy the GPU is. With a calibration, each window
@@ -62,6 +63,26 @@ torch baselines (eager, SDPA) with triton.testing.do_bench (median, L2 flushed),
 this GPU's roofs once (device copy GB/s, bf16 matmul TFLOP/s), and report achieved TFLOP/s
 and GB/s, % of the attainable roof at each kernel's arithmetic intensity, and whether it is
 memory- or compute-bound; writes kernels.json and kernels_roofline.png. Needs a CUDA GPU."""
+
+
+TRAFFIC_HELP = """\
+Count what one step of a DiT preset must move and compute, operator by operator, without a
+GPU: the model runs on the meta device (shapes only, seconds on a CPU) under a dispatch mode
+that records each ATen / ditperf operator's bytes (every input and output tensor once) and
+FLOPs (matmuls; attention 4*B*H*Nq*Nk*D forward, 2.5x backward; SDPA and F.rms_norm counted
+as one fused kernel each). Prints, per backend, the matmul / attention / memory-bound totals
+and two floors at the given roofs: 'serial' (each call's roofline time, max(FLOPs / matmul
+roof, bytes / copy roof), summed: kernels one after another on one stream) and 'fused' (every
+memory-bound op hidden in a matmul), then the largest memory-bound operators.
+
+Lower bounds: bf16 weights and activations without autocast (amp adds casts and fp32 norm
+outputs), no launch gaps. The default roofs are this workplace's H100 as measured
+(bench/results: 701 TFLOP/s bf16 matmul on a power-capped card, 3000 GB/s copy).
+
+examples:
+  ditperf profile traffic t2i-1b --mode cfg-step          # one guided denoising step, 1 image
+  ditperf profile traffic dit-xl-2 --batch 64 --json xl.json
+  ditperf profile traffic t2i-1b --edit --batch 4 --tflops 790"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -110,6 +131,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="also record power around each kernel's timing loop (longer loops, ~2 s each)")
     pk.add_argument("--quick", action="store_true", help="one shape per kernel")
     pk.set_defaults(func=_kernels)
+
+    pt = ps.add_parser("traffic", help="bytes and FLOPs per operator of a model step, floors at roofs (no GPU)",
+                       description=TRAFFIC_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pt.add_argument("preset", help="model preset (dit-s-2 ... dit-xl-2, t2i-1b, tiny)")
+    pt.add_argument("--mode", choices=("train", "forward", "cfg-step"), default="train",
+                    help="train: fwd + bwd + AdamW; forward; cfg-step: the model at 2x batch (default train)")
+    pt.add_argument("--batch", type=int, default=None, metavar="N",
+                    help="samples (images for cfg-step; default 64 for class presets, 4 for text ones, "
+                         "1 for cfg-step)")
+    pt.add_argument("--backend", choices=("torch", "triton", "both"), default="both",
+                    help="which backend's operators to count (default both)")
+    pt.add_argument("--edit", action="store_true", help="the preset's edit variant (source + mask channels)")
+    pt.add_argument("--height", type=int, default=None, help="latent height (default: the preset's)")
+    pt.add_argument("--width", type=int, default=None, help="latent width (default: the preset's)")
+    pt.add_argument("--text-len", type=int, default=None, help="text tokens (text presets; default: the preset's)")
+    pt.add_argument("--tflops", type=float, default=701.0, help="matmul roof in TFLOP/s (default 701)")
+    pt.add_argument("--gbps", type=float, default=3000.0, help="copy roof in GB/s (default 3000)")
+    pt.add_argument("--top", type=int, default=12, help="memory-bound operators listed per backend (default 12)")
+    pt.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the ledgers as JSON")
+    pt.set_defaults(func=_traffic)
 
 
 def _no_sub(p: argparse.ArgumentParser) -> int:
@@ -303,6 +344,37 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         raise _user_error(str(exc)) from None
     print_calibration(cal)
     print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _traffic(args: argparse.Namespace) -> int:
+    import json
+
+    from ditperf.model import get_config
+    from ditperf.profiling.traffic import compare_table, step_traffic
+
+    if args.tflops <= 0 or args.gbps <= 0:
+        raise _user_error(f"roofs must be positive; got --tflops {args.tflops} --gbps {args.gbps}")
+    if args.top < 0:
+        raise _user_error(f"--top must be >= 0, got {args.top}")
+    if args.batch is not None and args.batch < 1:
+        raise _user_error(f"--batch must be >= 1, got {args.batch}")
+    if args.json is not None and not args.json.parent.is_dir():
+        raise _user_error(f"--json: folder {args.json.parent} does not exist")
+    try:
+        cfg = get_config(args.preset, edit=True) if args.edit else get_config(args.preset)
+        batch = args.batch if args.batch is not None else (1 if args.mode == "cfg-step" else 64 if cfg.conditioning == "class" else 4)
+        backends = ("torch", "triton") if args.backend == "both" else (args.backend,)
+        ledgers = [step_traffic(cfg, b, args.mode, batch, height=args.height, width=args.width,
+                                text_len=args.text_len) for b in backends]
+    except ValueError as exc:
+        raise _user_error(str(exc)) from None
+    print(compare_table(ledgers, args.tflops, args.gbps, top=args.top))
+    if args.json is not None:
+        doc = {"format": "ditperf-step-traffic", "schema_version": 1,
+               "ledgers": [s.to_dict(args.tflops, args.gbps) for s in ledgers]}
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 

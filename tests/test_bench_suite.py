@@ -168,6 +168,12 @@ def test_model_targets_report_the_analytic_cfg_floor() -> None:
     assert tg["train dit-xl-2: triton / compile img/s >= 1.1"] == {"value": 1.05, "met": False}
     assert tg["train dit-xl-2: triton+compile / compile img/s >= 1.1"] is None
     assert "floor_ms_at_roof" not in bench_model.targets(rows)["cfg-step t2i-1b [eager] <= 25 ms"]
+    # with the copy roof: the serial floor of the backend's own kernels (meta-device ledger)
+    rows.append(Row("model", "cfg-step t2i-1b", "", "triton+cudagraph", 40.0, tflops=fl / 40e-3 / 1e12))
+    tg = bench_model.targets(rows, roof_tflops=700.0, roof_gbps=3000.0)
+    eager, triton = (tg[f"cfg-step t2i-1b [{p}] <= 25 ms"]["serial_floor_ms"] for p in ("eager", "triton+cudagraph"))
+    assert 25 < triton < eager  # norms, GELU and residuals as kernels of their own: above 25 ms
+    assert triton > tg["cfg-step t2i-1b [eager] <= 25 ms"]["floor_ms_at_roof"]
 
 
 def test_a_part_cut_short_keeps_the_rows_it_made(tmp_path: Path) -> None:
