@@ -52,7 +52,7 @@ def py(*args: str) -> list[str]:
 
 def _pytest(name: str, files: list[str], budget_s: float) -> Part:
     tests = HERE.parent / "tests"
-    return Part(name, py("-m", "pytest", "-m", "gpu", "-v", "--durations=0", "--no-header", "-p", "no:cacheprovider", "-rfEs",
+    return Part(name, py("-m", "pytest", "-m", "gpu", "-v", "--durations=0", "-p", "no:cacheprovider", "-rfEs",
                          f"--junitxml={{dir}}/parts/{name}.xml", *[str(tests / f) for f in files]),
                 budget_s, produces_rows=False)
 

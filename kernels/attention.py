@@ -631,10 +631,11 @@ _CURATED_WIDE: dict[str, list[tuple[int, int, int, int]]] = {
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=1)
 _MAX_BLOCK = 128  # the largest BLOCK_M / BLOCK_N any config uses (rows a tail tile may address)
 # fp32 inputs on a GPU (IEEE dots on CUDA cores, meant for tests): one small config for every
-# kind, never tuned and not subject to DITPERF_ATTN_CONFIGS. The curated 128x128 tiles took
-# minutes to compile in fp32 (kilobytes of spills); these tiles stay far below the register
-# line of ``_footprint`` (fwd/dq/dkdv 64/72/72 at 64+16 columns, 88/96/96 padded to 128).
-_FP32_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+# kind, never tuned and not subject to DITPERF_ATTN_CONFIGS. Every fp32 tile spills with the
+# head dim padded to 128 (the FMA dot keeps whole operand rows per thread); ptxas -v for sm_90
+# with triton 3.6 (fwd / dq / dkdv, D=72 with key mask): 64x32 tiles, 4 warps: 11 / 16 / 21 s to
+# compile, 6 / 42 / 59 KB of spill stores; 32x32 tiles, 8 warps: 3 / 4 / 5 s, 1.4 / 2.4 / 2.6 KB.
+_FP32_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1)
 _SMEM_LIMIT = 232448  # H100/H200: 227 KB of shared memory per block
 _ACC_REGS_LIMIT = 192  # fp32 tile registers per thread above which ptxas spilled (sm_90)
 

@@ -142,7 +142,8 @@ def test_head_dim_tiles_split_min_32(monkeypatch):
 
 def test_gpu_config_choice_fp32_vs_bf16(monkeypatch):
     """Config selection (used on a GPU; the interpreter has one fixed config): fp32 (IEEE dots)
-    gets one small config for every kernel kind, far below the register line, while
+    gets one small config for every kernel kind, its estimated tile registers far below the
+    line (ptxas still spills ~2 KB there: the FMA dot, see ``_FP32_CONFIG``), while
     ``DITPERF_ATTN_CONFIGS`` still restricts bf16/fp16."""
     monkeypatch.setenv("DITPERF_ATTN_CONFIGS", "fwd=64x64x1x4")
     fp32_q, bf16_q = torch.empty(1), torch.empty(1, dtype=torch.bfloat16)

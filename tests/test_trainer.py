@@ -199,6 +199,7 @@ def test_cli_train_errors_are_one_line(tiny_data: Path, tmp_path: Path, capsys: 
     ("optimizer.betas=[0.9]", "optimizer.betas must be two numbers"),
     ("data.edit_task=erase", "data.edit_task must be one of inpaint, outpaint, expand, mixed"),
     ("global_train_batch_size=4.5", "global_train_batch_size must be a whole number"),
+    ("deterministic=maybe", "deterministic must be true or false"),
 ])
 def test_bad_override_values_are_one_line_errors(tiny_data: Path, tmp_path: Path, override: str, message: str,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
@@ -369,6 +370,36 @@ def test_non_finite_parameters_stop_before_that_step_is_saved(tiny_data: Path, t
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def test_auto_microbatch_with_fsdp_on_newer_torch_is_refused(tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Composer 0.32.1 patches FSDP for automicrobatching with a function it defines only for
+    torch < 2.7.1 (a NameError inside the Trainer on the GPU machine's torch 2.11): refused up
+    front with the fix; the same config on this torch (2.7.0) passes the check."""
+    from ditperf.trainer import train as T
+
+    cfg = C.load_config("tiny-cpu", [f"data.local={tiny_data}", "device_train_microbatch_size=auto",
+                                     "global_train_batch_size=4", "data.num_workers=0", _fsdp_override(), *QUIET])
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.11.0"))
+    with pytest.raises(C.ConfigError, match=r"auto with parallelism_config .* torch 2.11.0 .*whole number"):
+        T.build_trainer(cfg)
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.7.0"))
+    assert not T._torch_at_least("2.7.1")
+
+
+def test_deterministic_mode_reaches_composer(tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """deterministic=true turns on Composer's deterministic_mode (deterministic algorithms,
+    cuDNN, cuBLAS workspace), which GPU exact-resume runs need; the run still trains."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", os.environ.get("CUBLAS_WORKSPACE_CONFIG", ""))  # restored after
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic
+    try:
+        summary = _train([f"data.local={tiny_data}", "max_duration=1ba", "global_train_batch_size=2",
+                          "data.num_workers=0", "deterministic=true"])
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert summary["batches"] == 1 and torch.isfinite(torch.tensor(summary["loss_last"]))
+    finally:  # process-wide switches: leave them as found for the other tests
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic = before[1]
+
+
 def test_triton_backend_trains(tiny_data: Path, tmp_path: Path) -> None:
     """The triton backend through the real entry point, in a process that starts without
     TRITON_INTERPRET: on a CPU-only machine the trainer must turn the interpreter on before
@@ -469,10 +500,12 @@ def test_gpu_bf16_run_reports_mfu(tiny_data: Path, tmp_path: Path, backend: str)
 @pytest.mark.gpu
 def test_gpu_fsdp_v1_triton_resumes_exactly(tiny_data: Path, tmp_path: Path) -> None:
     """On a GPU: the t2i-1b FSDP section with Composer's FSDP v1 (the GPU default), the triton
-    backend, amp_bf16, EMA: 4 batches straight == 2 batches, checkpoint, new process, resume to 4."""
+    backend, amp_bf16, EMA: 4 batches straight == 2 batches, checkpoint, new process, resume to 4.
+    deterministic=true: cuDNN's patch-embedding weight gradient may otherwise use atomics, and
+    Adam turns a last-bit difference in a near-zero gradient into a full learning-rate step."""
     common = [f"data.local={tiny_data}", "max_duration=4ba", "global_train_batch_size=4", "data.num_workers=0",
               "model.backend=triton", "device=gpu", "fsdp_version=1", _fsdp_override(),
-              "ema.half_life=2ba", "callbacks.power.enabled=false"]
+              "ema.half_life=2ba", "callbacks.power.enabled=false", "deterministic=true"]
     _launch(common + [f"save_folder={tmp_path / 'a'}", "save_interval=2ba"], tmp_path)
     (mid,) = (tmp_path / "a").glob("ep*-ba2-rank0.pt")
     _launch(common + [f"save_folder={tmp_path / 'b'}", "save_interval=4ba", f"load_path={mid}"], tmp_path)

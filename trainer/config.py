@@ -54,6 +54,9 @@ DEFAULTS: dict[str, Any] = {
     "precision": "auto",  # auto (amp_bf16 on GPU, fp32 on CPU) | fp32 | amp_bf16 | amp_fp16
     "device": "auto",  # auto | cpu | gpu
     "torch_threads": None,  # torch intra-op threads during training (None: torch's default)
+    # Composer's deterministic_mode: torch.use_deterministic_algorithms, deterministic cuDNN and
+    # cuBLAS (for bit-exact GPU resumes; slower; an op without a deterministic kernel errors)
+    "deterministic": False,
     "optimizer": {  # Composer DecoupledAdamW
         "lr": 1.0e-4,
         "betas": [0.9, 0.999],
@@ -277,6 +280,8 @@ def validate_values(cfg: dict[str, Any]) -> None:
     gbs = cfg["global_train_batch_size"]
     if isinstance(gbs, bool) or not isinstance(gbs, int):
         raise ConfigError(f"global_train_batch_size must be a whole number, got {gbs!r}")
+    if not isinstance(cfg["deterministic"], bool):
+        raise ConfigError(f"deterministic must be true or false, got {cfg['deterministic']!r}")
     micro = cfg["device_train_microbatch_size"]
     if micro is not None and micro != "auto" and (isinstance(micro, bool) or not isinstance(micro, int) or micro < 1):
         raise ConfigError(f"device_train_microbatch_size must be a positive whole number, 'auto' (GPU) or null "

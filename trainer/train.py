@@ -202,6 +202,10 @@ def _make_stop_at(spec: str) -> Any:
     return StopAt()
 
 
+def _torch_at_least(version: str) -> bool:
+    return torch.torch_version.TorchVersion(torch.__version__) >= version
+
+
 def build_trainer(cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """Construct the Composer ``Trainer``; returns (trainer, info)."""
     validate_values(cfg)
@@ -249,6 +253,12 @@ def build_trainer(cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=float(cfg["grad_clip_norm"])))
     memory = InMemoryLogger()
     micro = cfg["device_train_microbatch_size"]
+    if micro == "auto" and parallelism is not None and _torch_at_least("2.7.1"):
+        # Composer 0.32.1 patches FSDP's unshard for automicrobatching with a function it
+        # defines only for torch < 2.7.1: on newer torch the Trainer dies with a NameError
+        raise ConfigError(f"device_train_microbatch_size=auto with parallelism_config (FSDP) fails in Composer "
+                          f"on torch {torch.__version__} (its automicrobatching patch exists only for torch < "
+                          "2.7.1): give a whole number, e.g. device_train_microbatch_size=4")
     kwargs: dict[str, Any] = {}
     if cfg["save_folder"]:
         kwargs.update(save_folder=str(cfg["save_folder"]), save_interval=str(cfg["save_interval"]),
@@ -270,7 +280,7 @@ def build_trainer(cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
             log_to_console=not cfg["progress_bar"], console_log_interval=str(cfg["console_log_interval"]),
             autoresume=bool(cfg["autoresume"]), parallelism_config=parallelism,
             device=device, precision=precision, device_train_microbatch_size=micro if micro is not None else batch,
-            seed=int(cfg["seed"]), **kwargs,
+            seed=int(cfg["seed"]), deterministic_mode=cfg["deterministic"], **kwargs,
         )
     info = {"device": device, "precision": precision, "world_size": world_size, "rank": rank,
             "device_batch_size": batch, "model": mcfg.describe(), "params": dit.num_params(),
