@@ -11,6 +11,18 @@ import numpy as np
 
 #: Pass threshold on ``max_rel`` per model dtype (the reference runs the same dtype).
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2}
+_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+
+
+def dtype_name(a: np.ndarray) -> str:
+    """"fp32", "fp16", "bf16", "fp64", or numpy's name for other dtypes."""
+    return _DTYPE_NAMES.get(np.asarray(a).dtype.name, np.asarray(a).dtype.name)
+
+
+def tolerance_for(dtype: str) -> float:
+    """``max_rel`` an output of this dtype may differ by: TOLERANCE (fp64 as fp32), 0 for
+    integer and bool outputs."""
+    return TOLERANCE.get("fp32" if dtype == "fp64" else dtype, 0.0)
 
 _ORT_NP = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -76,7 +88,7 @@ def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> d
         scale = float(np.abs(b[fin_b]).max()) if fin_b.any() else 0.0
         entry = {"max_abs": max_abs if ok else float("nan"),
                  "max_rel": (max_abs / scale if scale > 0 else max_abs) if ok else float("nan"),
-                 "ref_max": scale, "shape": list(b.shape)}
+                 "ref_max": scale, "shape": list(b.shape), "dtype": dtype_name(r)}
         if not ok:
             entry["note"] = ("no finite reference value" if same_nonfinite else
                              f"non-finite values differ: {int((~fin_a).sum())} vs {int((~fin_b).sum())} in the "

@@ -44,6 +44,16 @@ def _positive(text: str) -> int:
     return int(value)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _batch(text: str) -> int | str:
     if text == "dynamic":
         return text
@@ -161,6 +171,7 @@ def _cast_around(specs: list[str]) -> list[tuple[str, int]]:
 
 
 def _run_surgery(args: argparse.Namespace) -> int:
+    from ditperf.export.check import tolerance_for
     from ditperf.export.onnx_io import (
         OnnxInputError,
         external_data_files,
@@ -218,10 +229,16 @@ def _run_surgery(args: argparse.Namespace) -> int:
             verify = verify_numerics(args.input, path)
             print(f"onnxruntime check (random inputs): max abs diff {verify['max_abs']:.3g}, "
                   f"max rel {verify['max_rel']:.3g}")
-            if verify["max_rel"] != verify["max_rel"]:  # NaN: non-finite values differ
-                notes = "; ".join(f"{k}: {v['note']}" for k, v in verify["outputs"].items() if "note" in v)
-                print(f"error: the rewritten graph's outputs differ in non-finite values ({notes})")
-                failed_verify = True
+            for name, out in verify["outputs"].items():
+                tol = args.tolerance if args.tolerance is not None else tolerance_for(out["dtype"])
+                out["tolerance"] = tol
+                if out["max_rel"] != out["max_rel"]:  # NaN: non-finite values differ
+                    print(f"error: output {name} of the rewritten graph differs in non-finite values ({out['note']})")
+                    failed_verify = True
+                elif out["max_rel"] > tol:
+                    print(f"error: output {name} of the rewritten graph differs by max rel {out['max_rel']:.3g} "
+                          f"> {tol:g} ({out['dtype']}; --tolerance to accept more)")
+                    failed_verify = True
         except OnnxInputError as exc:
             print(f"onnxruntime check skipped: {exc}")
     print(f"wrote {path} ({n_nodes} nodes, opset {opset})")
@@ -352,6 +369,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ver.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     ver.add_argument("--verify", action="store_true",
                      help="compare with onnxruntime even above 2 GiB (skipped there by default)")
+    s.add_argument("--tolerance", type=_positive_float, metavar="REL",
+                   help="largest max-abs-diff / max|output| accepted per output (default by dtype: "
+                        "fp32 1e-4, fp16 2e-2, bf16 6e-2); exit 1 above it")
     s.add_argument("--json", help="write the pass reports as JSON")
     s.set_defaults(func=_user_error(_run_surgery))
 

@@ -6,8 +6,8 @@ operators TensorRT release notes add later; see :mod:`ditperf.export.build_matri
 
 * op type in the matrix and marked Y, or a documented addition at or below ``--trt-version``;
 * the node's primary data type (its first input, or its first output when it has none; types
-  from ONNX shape inference) is in the op's supported types (DOUBLE only warns: TensorRT casts
-  it down to FP32);
+  from ONNX shape inference) is in the op's supported types (DOUBLE is accepted where FP32 is,
+  with a model-level note: TensorRT casts it down to FP32);
 * static checks of the restrictions: LayerNormalization / MaxPool with more than one output
   used, ``axes`` inputs that must be initializers, Resize modes and antialiasing, BF16 Resize
   (reported by users), If/Loop/Scan bodies containing unsupported nodes;
@@ -136,12 +136,14 @@ class GraphFacts:
     graph_outputs: set[str]
 
 
-def _graph_facts(graph: onnx.GraphProto) -> GraphFacts:
-    types: dict[str, int] = {}
+def _graph_facts(graph: onnx.GraphProto, outer: GraphFacts | None = None) -> GraphFacts:
+    """``outer``: the enclosing graph's facts, for a control-flow body (If/Loop/Scan), which
+    reads the outer scope's tensors by name (their types, and initializers as constants)."""
+    types: dict[str, int] = dict(outer.types) if outer else {}
     for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
         if vi.type.HasField("tensor_type"):
             types[vi.name] = vi.type.tensor_type.elem_type
-    constants = set()
+    constants = set(outer.constants) if outer else set()
     for init in graph.initializer:
         types[init.name] = init.data_type
         constants.add(init.name)
@@ -269,7 +271,7 @@ def _judge_node(i: int, node: onnx.NodeProto, facts: GraphFacts, rules: dict[str
         return NodeVerdict(i, name, node.op_type, "", False, "matrix", types, [why])
     reasons = _static_checks(node, facts, rule, ptype, pitfalls)
     for body in _bodies(node):
-        bad = _unsupported_in_body(body, rules, trt_version, pitfalls)
+        bad = _unsupported_in_body(body, rules, trt_version, pitfalls, functions, outer=facts)
         if bad:
             reasons.append(f"body contains unsupported node(s): {', '.join(bad[:5])}")
     return NodeVerdict(i, name, node.op_type, "", not reasons,
@@ -285,13 +287,17 @@ def _bodies(node: onnx.NodeProto) -> Iterable[onnx.GraphProto]:
 
 
 def _unsupported_in_body(graph: onnx.GraphProto, rules, trt_version, pitfalls,
-                         functions: dict[tuple[str, str], onnx.FunctionProto] | None = None) -> list[str]:
-    facts = _graph_facts(graph)
+                         functions: dict[tuple[str, str], onnx.FunctionProto] | None = None,
+                         outer: GraphFacts | None = None) -> list[str]:
+    """Names of the unsupported nodes of a body: a control-flow branch (``outer``: the
+    enclosing scope it reads) or a model-local function's (its own scope)."""
+    facts = _graph_facts(graph, outer)
     bad = []
     for i, n in enumerate(graph.node):
         v = _judge_node(i, n, facts, rules, trt_version, pitfalls, functions)
         if not v.supported:
-            bad.append(f"{v.name} ({n.op_type})")
+            why = v.reasons[0] if v.reasons else "unsupported"
+            bad.append(f"{v.name} ({n.op_type}: {why[:100]})")
     return bad
 
 
@@ -418,6 +424,10 @@ def analyze(model: onnx.ModelProto, *, trt_version: str = "10.1", path: str = ""
     verdicts = [_judge_node(i, n, facts, rules, trt_version, pitfalls, functions)
                 for i, n in enumerate(inferred.graph.node)]
     issues = _model_issues(inferred, opset_range, caveats)
+    doubles = [v.name for v in verdicts if v.types == ["DOUBLE"]]
+    if doubles:
+        issues.append({"kind": "note", "message": f"{len(doubles)} node(s) compute in DOUBLE (e.g. "
+                       f"{', '.join(doubles[:3])}): TensorRT runs them in FP32"})
     return _report(inferred, path, "matrix", trt_version, verdicts, rules, opset_range, issues)
 
 

@@ -538,16 +538,21 @@ class PowerMonitor:
         energy = [d["energy_j"] for d in per_dev.values() if d.get("energy_j") is not None]
         total_e = float(sum(energy)) if len(energy) == len(per_dev) else None
         mfus = [d.get("estimated_mfu") for d in per_dev.values()]
+        roofs = [getattr(self.calibrations.get(i.index), "roof_tflops", None) for i in self.infos]
+        est = None
+        if mfus and all(m is not None for m in mfus):
+            # weighted by each GPU's roof: estimated TFLOP/s of all GPUs over their summed roofs,
+            # the same denominator as flops_mfu (the plain mean when the roofs are equal)
+            est = float(np.average(mfus, weights=roofs)) if all(roofs) else float(np.mean(mfus))
         total: dict[str, Any] = {
             "energy_j": total_e,
             "mean_power_w": total_e / duration if total_e is not None and duration > 0 else None,
             "j_per_item": total_e / items if total_e is not None and items else None,
-            "estimated_mfu": float(np.mean(mfus)) if mfus and all(m is not None for m in mfus) else None,
+            "estimated_mfu": est,
             "flops": flops,
             "achieved_tflops": flops / duration / 1e12 if flops and duration > 0 else None,
             "flops_mfu": None,
         }
-        roofs = [getattr(self.calibrations.get(i.index), "roof_tflops", None) for i in self.infos]
         if total["achieved_tflops"] is not None and all(roofs):
             # analytic MFU against the same measured roof the power estimate is calibrated on
             total["flops_mfu"] = total["achieved_tflops"] / float(sum(roofs))

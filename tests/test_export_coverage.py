@@ -266,3 +266,109 @@ def test_ort_ir_version_lowering(tmp_path, monkeypatch):
     assert ort_session(p).run(None, {"x": x})[0].shape == (2, 8)
     assert ort_session(m).run(None, {"x": x})[0].shape == (2, 8)
     assert not list(tmp_path.glob(".hi*"))  # temporary copy removed
+
+
+# ---------------------------------------------------------------------------------------
+# Verdict details: DOUBLE, partial rows, node ranges, control-flow bodies
+
+
+def test_double_is_accepted_as_fp32() -> None:
+    """DOUBLE is not in Relu's matrix types but TensorRT casts it down to FP32: a DOUBLE Relu
+    is supported (not refused for its type) whenever the op takes FP32."""
+    assert "DOUBLE" not in cov.load_matrix()["operators"]["Relu"]["types"]
+    m = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", T.DOUBLE)], [_vi("y", T.DOUBLE)])
+    r = cov.analyze(m)
+    relu = _row(r, "Relu")
+    assert relu["types_used"] == ["DOUBLE"]
+    assert relu["supported"] == "Y" and relu["reasons"] == [], relu
+    assert r["summary"]["fully_supported"]
+
+
+def test_partial_row_and_node_ranges() -> None:
+    """An op type with supported and unsupported nodes is 'partial' (with the supported
+    count), not 'N'; unsupported top-level node indices are merged into [first, last] runs
+    of neighbours (nodes 1-3 and 5 here), as the table prints them."""
+    sc = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc")
+    x4 = _vi("x4", shape=(1, 1, 2, 2))
+    nodes = [helper.make_node("Resize", ["x4", "", "sc"], ["r0"], mode="linear"),
+             helper.make_node("Resize", ["x4", "", "sc"], ["r1"], mode="cubic"),
+             helper.make_node("Det", ["sq"], ["d2"]),
+             helper.make_node("Det", ["sq"], ["d3"]),
+             helper.make_node("Relu", ["sq"], ["a4"]),
+             helper.make_node("Det", ["a4"], ["d5"])]
+    outs = [_vi(n, shape=None) for n in ("r0", "r1", "d2", "d3", "d5")]
+    r = cov.analyze(_model(nodes, [x4, _vi("sq", shape=(3, 3))], outs, [sc]))
+    rs = _row(r, "Resize")
+    assert (rs["supported"], rs["count"], rs["supported_count"]) == ("partial", 2, 1), rs
+    assert rs["unsupported_nodes"] == ["Resize_1"] and "mode 'cubic'" in " ".join(rs["reasons"])
+    assert r["summary"]["unsupported_op_types"] == 2  # Resize (partial) and Det
+    bad = {op["op_type"]: op["node_ranges"] for op in r["operators"] if op["node_ranges"]}
+    assert bad == {"Resize": [[1, 1]], "Det": [[2, 3], [5, 5]]}
+    # the same rule across op types: three neighbouring unsupported nodes of one type
+    dets = [helper.make_node("Det", ["sq"], [f"d{i}"]) for i in range(3)] + [
+        helper.make_node("Relu", ["sq"], ["a3"]), helper.make_node("Det", ["a3"], ["d4"])]
+    r = cov.analyze(_model(dets, [_vi("sq", shape=(3, 3))],
+                           [_vi(f"d{i}", shape=None) for i in (0, 1, 2, 4)]))
+    assert _row(r, "Det")["node_ranges"] == [[0, 2], [4, 4]]
+
+
+def _if_model(body_op: str) -> onnx.ModelProto:
+    """An If whose then-branch runs ``body_op`` on an outer-scope tensor (else: Identity)."""
+    def branch(op: str, out: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node(op, ["x"], [out])], f"{op}_branch", [],
+                                 [_vi(out, shape=None)])
+
+    node = helper.make_node("If", ["c"], ["y"], then_branch=branch(body_op, "t"),
+                            else_branch=branch("Identity", "e"))
+    return _model([node], [_vi("c", T.BOOL, ()), _vi("x")], [_vi("y", shape=None)])
+
+
+def test_if_body_with_unsupported_node() -> None:
+    """Control-flow bodies are judged: an If with an unknown op in its then-branch is
+    unsupported (the reason names the body's node), the same If with a clean body is not."""
+    clean = cov.analyze(_if_model("Relu"))
+    assert _row(clean, "If")["supported"] == "Y" and clean["summary"]["fully_supported"], clean
+    row = _row(cov.analyze(_if_model("NoSuchBodyOp")), "If")
+    assert row["supported"] == "N" and row["decided_by"] == ["static-check"], row
+    assert "body contains unsupported node(s)" in row["reasons"][0]
+    assert "NoSuchBodyOp" in row["reasons"][0]
+
+
+def test_bodies_see_the_outer_scope_and_local_functions() -> None:
+    """A control-flow body reads the enclosing graph's tensors by name: an outer initializer
+    used as ``axes`` is a constant there, an outer BF16 tensor keeps its type (so the BF16
+    Resize pitfall is found inside the body), and a model-local function called in a body is
+    judged by its own body (the parser inlines it), not as a plugin."""
+    def if_model(body_nodes, inputs, inits=(), functions=()) -> onnx.ModelProto:
+        then = helper.make_graph(body_nodes, "then", [], [_vi("t", shape=None)])
+        other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [_vi("e", shape=None)])
+        m = _model([helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+                   [_vi("c", T.BOOL, ()), *inputs], [_vi("y", shape=None)], inits, domains=("local",))
+        m.functions.extend(functions)
+        return m
+
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    r = cov.analyze(if_model([helper.make_node("ReduceSum", ["x", "axes"], ["t"])], [_vi("x")], [axes]))
+    assert _row(r, "If")["supported"] == "Y", _row(r, "If")
+    sc = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc")
+    r = cov.analyze(if_model([helper.make_node("Resize", ["x", "", "sc"], ["t"], mode="linear")],
+                             [_vi("x", T.BFLOAT16, (1, 1, 2, 2))], [sc]))
+    row = _row(r, "If")
+    assert row["supported"] == "N" and "BF16" in row["reasons"][0] and "Resize" in row["reasons"][0], row
+    fn = helper.make_function("local", "MyRelu", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])],
+                              [helper.make_opsetid("", 18)])
+    r = cov.analyze(if_model([helper.make_node("MyRelu", ["x"], ["t"], domain="local")], [_vi("x")], functions=[fn]))
+    assert _row(r, "If")["supported"] == "Y", _row(r, "If")
+    bad = helper.make_function("local", "MyDet", ["a"], ["b"], [helper.make_node("NoSuchOp", ["a"], ["b"])],
+                               [helper.make_opsetid("", 18)])
+    r = cov.analyze(if_model([helper.make_node("MyDet", ["x"], ["t"], domain="local")], [_vi("x")], functions=[bad]))
+    assert _row(r, "If")["supported"] == "N" and "MyDet" in _row(r, "If")["reasons"][0]
+
+
+def test_double_nodes_get_a_model_level_note() -> None:
+    """DOUBLE is accepted where FP32 is, but the report says TensorRT computes it in FP32."""
+    m = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", T.DOUBLE)], [_vi("y", T.DOUBLE)])
+    notes = [i["message"] for i in cov.analyze(m)["issues"] if i["kind"] == "note"]
+    assert any("1 node(s) compute in DOUBLE" in n and "FP32" in n for n in notes), notes
+    m = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x")], [_vi("y")])
+    assert not any("DOUBLE" in i["message"] for i in cov.analyze(m)["issues"])

@@ -314,3 +314,40 @@ def test_cli_refuses_bad_output_paths_before_working(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "check", str(src), "--batch", "0"])
     assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_cli_surgery_fails_on_finite_differences_above_the_dtype_tolerance(tmp_path, capsys, monkeypatch):
+    """The onnxruntime comparison fails the command (exit 1) when an output moves by more than
+    its dtype's tolerance (fp32 1e-4), not only when non-finite values differ; --tolerance
+    accepts more; the JSON records the tolerance used."""
+    import json
+
+    import ditperf.export.surgery as surgery_mod
+    from ditperf.cli.main import main
+
+    m = _model([helper.make_node("Relu", ["x"], ["y"])],
+               [helper.make_tensor_value_info("x", T.FLOAT, [2, 3])],
+               [helper.make_tensor_value_info("y", T.FLOAT, [2, 3])])
+    src, dst, js = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "s.json"
+    onnx.save(m, src)
+    real = surgery_mod.verify_numerics
+    assert main(["export", "surgery", str(src), str(dst), "--json", str(js)]) == 0  # a real, exact comparison
+    y = json.loads(js.read_text())["verify"]["outputs"]["y"]
+    assert (y["max_rel"], y["dtype"], y["tolerance"]) == (0.0, "fp32", 1e-4)
+
+    def shifted(before, after, **kw):  # the rewritten graph's output moved by 0.3% of its range
+        out = real(before, after, **kw)
+        out["outputs"]["y"].update(max_abs=3e-3, max_rel=3e-3)
+        out["max_rel"] = 3e-3
+        return out
+
+    monkeypatch.setattr(surgery_mod, "verify_numerics", shifted)
+    capsys.readouterr()
+    assert main(["export", "surgery", str(src), str(dst), "--json", str(js)]) == 1
+    assert "output y of the rewritten graph differs by max rel 0.003 > 0.0001 (fp32" in capsys.readouterr().out
+    assert main(["export", "surgery", str(src), str(dst), "--tolerance", "1e-2", "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["verify"]["outputs"]["y"]["tolerance"] == 1e-2
+    for bad in ("0", "-1", "abc", "inf"):
+        with pytest.raises(SystemExit):
+            main(["export", "surgery", str(src), str(dst), "--tolerance", bad])
+    assert "expected a positive number" in capsys.readouterr().err

@@ -284,6 +284,35 @@ def test_estimated_mfu_from_calibration(tmp_path):
     assert "cal.json" in mon.calibration_notes[0]
 
 
+def test_two_devices_mfu_totals_use_every_gpu(tmp_path) -> None:
+    """A two-GPU window's total ``flops_mfu`` divides the achieved TFLOP/s by the sum of
+    both GPUs' measured roofs (the FLOPs ran on both), and the total ``estimated_mfu`` is
+    the per-GPU estimates weighted by roof (estimated TFLOP/s of both over the same summed
+    roofs, so the two totals compare), not the first GPU's nor a plain mean. The GPUs differ
+    in roof (700 vs 500 TFLOP/s) and power (200 vs 500 W) so that any shortcut shows."""
+    points = [{"power_w": 80.0, "mfu": 0.0}, {"power_w": 300.0, "mfu": 0.3}, {"power_w": 650.0, "mfu": 0.7}]
+    path = tmp_path / "cal.json"
+    for name, roof in (("Fake H100", 700.0), ("Fake H800", 500.0)):
+        save_calibration(Calibration.fit(points, gpu_name=name, driver="550.00", power_limit_w=700.0,
+                                         roof_tflops=roof), path)
+    a = synthetic_trace(lambda t: 200.0, 3.0, index=0, name="Fake H100")
+    b = synthetic_trace(lambda t: 500.0, 3.0, index=1, name="Fake H800")
+    mon, clock = make_monitor([a, b], idle_power_w=80.0, calibration=str(path))
+    assert [mon.calibrations[i].roof_tflops for i in (0, 1)] == [700.0, 500.0]
+    run_until(mon, clock, 0.5)
+    mon.begin_window("w")
+    run_until(mon, clock, 2.5)
+    flops = 3.0e15
+    w = mon.end_window("w", flops=flops)
+    tot, d0, d1 = w["total"], w["devices"]["0"], w["devices"]["1"]
+    assert d0["estimated_mfu"] == pytest.approx(0.3 * 120 / 220, rel=0.03)  # 200 W between the 80/300 W knots
+    assert d1["estimated_mfu"] == pytest.approx(0.3 + 0.4 * 200 / 350, rel=0.03)
+    assert tot["estimated_mfu"] == pytest.approx((d0["estimated_mfu"] * 700 + d1["estimated_mfu"] * 500) / 1200)
+    achieved = flops / w["duration_s"] / 1e12
+    assert tot["achieved_tflops"] == pytest.approx(achieved)
+    assert tot["flops_mfu"] == pytest.approx(achieved / (700.0 + 500.0))
+
+
 def test_background_thread_measures_idle_and_samples():
     info, s = synthetic_trace(step_power(75.0, 400.0, 0.6, 100.0), 30.0, update_period_s=0.05)
     reader = ReplayReader([info], {0: s})
