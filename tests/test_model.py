@@ -3,6 +3,8 @@ bad input. Backend agreement (triton kernels) is in test_model_backends.py."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from ditperf.model import (
@@ -13,6 +15,7 @@ from ditperf.model import (
     flops,
     flow_matching_loss,
     get_config,
+    logit_normal_timesteps,
     make_edit_batch,
     make_step,
     patchify,
@@ -103,6 +106,73 @@ def test_blocks_start_as_identity() -> None:
     mask = torch.ones(2, 8, dtype=torch.bool)
     for block in model.blocks:
         assert torch.equal(block(x, c, text, mask), x)
+
+
+@pytest.mark.parametrize("overrides", [{}, TINY_CLASS])
+def test_adaln_zero_init(overrides: dict) -> None:
+    """adaLN-Zero: every block's and the final layer's modulation Linear starts at exactly
+    zero (weight and bias). The zero-output test cannot see the final layer's modulation
+    (the final linear is zero too), so also check the consequence: with only the final
+    linear made non-zero, a fresh model ignores t and the conditioning (all blocks are the
+    identity and the final LayerNorm is unmodulated)."""
+    model = DiT(get_config("tiny", **overrides))
+    mods = [blk.adaLN_modulation[-1] for blk in model.blocks] + [model.final_layer.adaLN_modulation[-1]]
+    assert len(mods) == model.config.depth + 1
+    for lin in mods:
+        assert isinstance(lin, torch.nn.Linear)
+        assert torch.equal(lin.weight, torch.zeros_like(lin.weight))
+        assert torch.equal(lin.bias, torch.zeros_like(lin.bias))
+    with torch.no_grad():
+        model.final_layer.linear.weight.normal_(std=0.5)
+        model.final_layer.linear.bias.normal_(std=0.5)
+    x, t, *cond = model.example_inputs(2, height=8, width=12)
+    _, _, *other = model.example_inputs(2, height=8, width=12)
+    with torch.no_grad():
+        out = model(x, t, *cond)
+        tokens = model.x_embedder(x) + sincos_2d(64, 4, 6)[None]
+        ref = unpatchify(model.final_layer.linear(torch.nn.functional.layer_norm(tokens, (64,), eps=1e-6)),
+                         2, 4, 8, 12)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert out.abs().amax() > 0.1
+        torch.testing.assert_close(model(x, 1 - t, *other), out, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_adds_row_major_pos_embed_non_square() -> None:
+    """The position embedding added to the patch tokens of a non-square latent (8 x 12,
+    patch 2: a 4 x 6 grid) is ``sincos_2d(hidden, H/p, W/p)``, rows first; the transposed
+    6 x 4 grid has the same token count, so only the values tell them apart."""
+    model = randomize(DiT("tiny"))
+    x, t, text, mask = model.example_inputs(2, height=8, width=12)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [model.x_embedder.register_forward_hook(lambda m, a, out: seen.update(patches=out)),
+             model.blocks[0].register_forward_pre_hook(lambda m, a: seen.update(tokens=a[0]))]
+    try:
+        with torch.no_grad():
+            model(x, t, text, mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    added = seen["tokens"] - seen["patches"]
+    assert added.shape == (2, 24, 64)
+    torch.testing.assert_close(added, sincos_2d(64, 4, 6)[None].expand_as(added), rtol=0, atol=1e-5)
+    assert not torch.allclose(sincos_2d(64, 4, 6), sincos_2d(64, 6, 4), atol=1e-2)
+
+
+def test_timestep_embedding_of_1000_t() -> None:
+    """The timestep embedder is its MLP on the sinusoidal features [cos, sin] of 1000 * t
+    (DiT's 0..999 scale, max period 10^4), recomputed here independently; on that scale
+    nearby times (0.3 vs 0.301) get clearly different embeddings."""
+    model = randomize(DiT("tiny"))
+    emb = model.t_embedder
+    t = torch.rand(5)
+    half = emb.freq_dim // 2
+    freqs = torch.tensor([math.exp(-math.log(10000.0) * k / half) for k in range(half)])
+    args = 1000.0 * t[:, None].double() * freqs[None].double()
+    feats = torch.cat([torch.cos(args), torch.sin(args)], dim=1).float()
+    with torch.no_grad():
+        torch.testing.assert_close(emb(t), emb.mlp(feats), rtol=1e-4, atol=1e-5)
+        a, b = emb(torch.tensor([0.3])), emb(torch.tensor([0.301]))
+    assert (a - b).norm() > 0.05 * a.norm()
 
 
 def test_patchify_unpatchify_round_trip() -> None:
@@ -225,6 +295,17 @@ def test_forward_drop_swaps_in_null_conditioning_per_sample() -> None:
             model(x, t, *cond, drop=torch.ones(3))
 
 
+def test_logit_normal_timesteps_moments(seed: int) -> None:
+    """t = sigmoid(mean + std * n): logit(t) has the requested mean and std (a large seeded
+    sample: standard errors 0.0016 and 0.0011, tolerances 0.01), and t lies in (0, 1)."""
+    t = logit_normal_timesteps(100_000, generator=torch.Generator().manual_seed(seed), mean=1.0, std=0.5)
+    assert t.shape == (100_000,) and t.dtype == torch.float32
+    assert (t > 0).all() and (t < 1).all()
+    z = torch.logit(t.double())
+    assert z.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert z.std().item() == pytest.approx(0.5, abs=0.01)
+
+
 def test_edit_region_only_loss_ignores_kept_region() -> None:
     model = randomize(DiT(get_config("tiny", edit=True)))
     batch = text_batch(model, 2)
@@ -314,22 +395,80 @@ def test_cfg_step_compiles_once_fullgraph() -> None:
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("overrides", [{}, TINY_CLASS])
+def test_cfg_step_with_explicit_null_cond(overrides: dict) -> None:
+    """``make_step(null_cond=<the model's null conditioning>)`` (conditional half first,
+    null half second) equals the default CFG step, which swaps the null conditioning in
+    inside forward; cfg_scale 3 makes the order of the halves matter."""
+    model = randomize(DiT(get_config("tiny", **overrides))).eval()
+    x, _, *cond = model.example_inputs(2)
+    null = model.null_cond(2, *((cond[0].shape[1],) if len(cond) == 2 else ()))
+    t, t_next = torch.tensor(0.8), torch.tensor(0.5)
+    with torch.no_grad():
+        default = make_step(model, tuple(cond), cfg_scale=3.0)(x, t, t_next)
+        explicit = make_step(model, tuple(cond), cfg_scale=3.0, null_cond=null)(x, t, t_next)
+        v_c, v_u = model(x, t, *cond), model(x, t, *null)
+    torch.testing.assert_close(explicit, default, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(v_c, v_u, atol=1e-3)  # the halves differ: a swap would show
+
+
+def _edit_euler_reference(model: DiT, cond: tuple[torch.Tensor, ...], noise: torch.Tensor, source: torch.Tensor,
+                          mask: torch.Tensor, grid: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Euler CFG sampling of an edit written out: the model sees the masked source, and
+    after each step the kept region is reset to the source re-noised at t_next."""
+    null = model.null_cond(noise.shape[0], *((cond[0].shape[1],) if len(cond) == 2 else ()))
+    keep = mask < 0.5
+    x = noise
+    for i in range(len(grid) - 1):
+        t, t_next = grid[i], grid[i + 1]
+        inp = edit_model_input(x, source, mask)
+        v_c, v_u = model(inp, t, *cond), model(inp, t, *null)
+        x = x + (t_next - t) * (v_u + cfg_scale * (v_c - v_u))
+        x = torch.where(keep, (1 - t_next) * source + t_next * noise, x)
+    return x
+
+
+def test_edit_step_renoises_kept_region_at_t_next() -> None:
+    """One edit step from t = 0.8 to 0.5: the kept region (mask 0) becomes exactly
+    0.5 * source + 0.5 * noise (the source re-noised with the initial noise at t_next), the
+    regenerated region the Euler step of the model on [x, masked source, mask]."""
+    model = randomize(DiT(get_config("tiny", edit=True)), std=0.2).eval()
+    x, _, text, tmask = model.example_inputs(2)
+    x = x[:, :4]
+    src, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    m = make_edit_batch(src, "inpaint", torch.Generator().manual_seed(2))["edit_mask"]
+    keep = (m < 0.5).expand_as(x)
+    t, t_next = torch.tensor(0.8), torch.tensor(0.5)
+    with torch.no_grad():
+        got = make_step(model, (text, tmask), cfg_scale=1.0, edit_source=src, edit_mask=m, noise=noise)(x, t, t_next)
+        v = model(edit_model_input(x, src * (1 - m), m), t, text, tmask)
+    assert keep.any() and (~keep).any()
+    assert torch.equal(got[keep], (0.5 * src + 0.5 * noise)[keep])
+    torch.testing.assert_close(got[~keep], (x - 0.3 * v)[~keep], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("task", EDIT_TASKS)
 def test_sample_keeps_edit_region_exactly(task: str) -> None:
     model = randomize(DiT(get_config("tiny", edit=True)), std=0.2)
     x0 = torch.randn(2, 4, 8, 8)
     edit = make_edit_batch(x0, task, torch.Generator().manual_seed(5))
     _, _, text, mask = model.example_inputs(2)
-    out = sample(model, text=text, text_mask=mask, steps=3, cfg_scale=2.0,
-                 generator=torch.Generator().manual_seed(1), **edit)
+    noise = torch.randn(2, 4, 8, 8)
+    out = sample(model, text=text, text_mask=mask, steps=3, cfg_scale=2.0, noise=noise, **edit)
     keep = (edit["edit_mask"] < 0.5).expand_as(out)
     assert torch.equal(out[keep], x0[keep])
+    # the regenerated region is the written-out Euler CFG integration (intermediate kept
+    # regions re-noised with the initial noise), not merely "something other than x0"
+    with torch.no_grad():
+        ref = _edit_euler_reference(model, (text, mask), noise, edit["edit_source"], edit["edit_mask"],
+                                    time_grid(3), 2.0)
+    torch.testing.assert_close(out[~keep], ref[~keep], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(out[~keep], x0[~keep])
     # an unmasked source ("AI Erase": the whole image) and a soft mask mean the same edit:
     # the sampler masks the source and binarizes the mask itself
     soft = edit["edit_mask"] * 0.6 + 0.2  # 0 -> 0.2 (keep), 1 -> 0.8 (regenerate)
-    again = sample(model, text=text, text_mask=mask, steps=3, cfg_scale=2.0,
-                   generator=torch.Generator().manual_seed(1), edit_source=x0, edit_mask=soft)
+    again = sample(model, text=text, text_mask=mask, steps=3, cfg_scale=2.0, noise=noise,
+                   edit_source=x0, edit_mask=soft)
     assert torch.equal(again, out)
 
 
@@ -369,11 +508,27 @@ def test_edit_masks_per_task() -> None:
         make_edit_batch(x, "erase", g)
 
 
-def test_loss_builds_edit_masks_when_missing() -> None:
+def test_loss_builds_edit_masks_when_missing(seed: int) -> None:
+    """Without edit_mask / edit_source the loss makes "mixed" edit masks from its generator,
+    drawn after (t, eps, dropout): the same loss as passing the masks that
+    ``make_edit_batch(latents, "mixed", g)`` gives after replaying those draws (the batch
+    contract's fixed draw order, which resumable training relies on)."""
     model = randomize(DiT(get_config("tiny", edit=True)))
     batch = text_batch(model, 2)
-    loss = flow_matching_loss(model, batch, generator=torch.Generator().manual_seed(0), edit_region_only=True)
+    g = lambda: torch.Generator().manual_seed(seed)
+    loss = flow_matching_loss(model, batch, generator=g(), edit_region_only=True, cond_dropout=0.5)
     assert torch.isfinite(loss)
+    gen = g()
+    torch.randn(2, generator=gen)  # t
+    torch.randn(batch["latents"].shape, generator=gen)  # eps
+    torch.rand(2, generator=gen)  # dropout
+    edit = make_edit_batch(batch["latents"], "mixed", gen)
+    given = flow_matching_loss(model, {**batch, **edit}, generator=g(), edit_region_only=True, cond_dropout=0.5)
+    torch.testing.assert_close(loss, given)
+    ones = torch.ones_like(edit["edit_mask"])  # regenerate everything: a different loss
+    other = flow_matching_loss(model, {**batch, "edit_mask": ones, "edit_source": batch["latents"]},
+                               generator=g(), edit_region_only=True, cond_dropout=0.5)
+    assert not torch.allclose(loss, other)
 
 
 # ----------------------------------------------------------------------------- bad input
