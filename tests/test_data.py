@@ -4,6 +4,7 @@ and `ditperf data encode` with a tiny random VAE + text encoder loaded from loca
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -112,6 +113,29 @@ def test_edit_masks_seeded_by_seed_epoch_sample(tiny_ds: Path) -> None:
             assert torch.equal(mask, ref["edit_mask"][0])
             assert torch.equal(src, (batch["latents"][j] * (1 - mask)).to(torch.float16))
             assert 0 < mask.sum() < mask.numel()
+
+
+def test_edit_masks_change_with_the_epoch(tiny_ds: Path) -> None:
+    """A second pass over the same dataset is epoch 1: every sample's mask is drawn from
+    (seed, 1, sample id), so the model sees new edit regions each epoch instead of one fixed
+    mask per sample for the whole run."""
+    seed = random.randrange(2**31)
+    ds = D.build_dataset(tiny_ds, batch_size=4, shuffle=True, shuffle_seed=random.randrange(2**31),
+                         edit_task="mixed", edit_seed=seed)
+    loader = D.build_dataloader(ds, batch_size=4, num_workers=0)
+    epochs = []
+    for epoch in range(2):
+        masks = {}
+        for batch in loader:
+            for j, sid in enumerate(batch["sample_ids"].tolist()):
+                g = torch.Generator().manual_seed(D.mix_seed(seed, epoch, sid))
+                ref = make_edit_batch(batch["latents"][j:j + 1].float(), "mixed", g)
+                assert torch.equal(batch["edit_mask"][j], ref["edit_mask"][0]), (epoch, sid)
+                masks[sid] = batch["edit_mask"][j]
+        assert sorted(masks) == list(range(24))
+        epochs.append(masks)
+    changed = sum(not torch.equal(epochs[0][sid], epochs[1][sid]) for sid in range(24))
+    assert changed >= 12, changed
 
 
 def test_remote_dataset_through_local_cache(tiny_ds: Path, tmp_path: Path) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -200,6 +202,9 @@ def test_cli_train_errors_are_one_line(tiny_data: Path, tmp_path: Path, capsys: 
     ("data.edit_task=erase", "data.edit_task must be one of inpaint, outpaint, expand, mixed"),
     ("global_train_batch_size=4.5", "global_train_batch_size must be a whole number"),
     ("deterministic=maybe", "deterministic must be true or false"),
+    ("loss.cond_dropout=1.5", "loss.cond_dropout must be a probability in [0, 1]"),
+    ("loss.t_std=-0.5", "loss.t_std must be a finite number >= 0"),
+    ("loss.t_mean=.nan", "loss.t_mean must be a finite number"),
 ])
 def test_bad_override_values_are_one_line_errors(tiny_data: Path, tmp_path: Path, override: str, message: str,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
@@ -252,6 +257,183 @@ def test_checkpoint_folder_and_load_path_mistakes_lose_nothing(tiny_data: Path, 
     assert (tmp_path / "tiny-cpu" / "ck" / "train_summary.json").is_file() and not (tmp_path / "{run_name}").exists()
     assert main(named) == 2
     assert f"save_folder {tmp_path / 'tiny-cpu' / 'ck'} already has checkpoints" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- model wiring
+
+
+def _build(tiny_data: Path, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
+    """``build_trainer`` for tiny-cpu on ``tiny_data`` (batch 4, no workers) with ``overrides``;
+    the caller closes the trainer."""
+    from ditperf.trainer import train as T
+
+    return T.build_trainer(C.load_config("tiny-cpu", [f"data.local={tiny_data}", "global_train_batch_size=4",
+                                                      "data.num_workers=0", *CPU, *QUIET, *overrides]))
+
+
+def test_step_generator_seeded_by_batch_rank_and_microbatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step generator is seeded by (seed, global batch, rank, microbatch): the same tuple
+    draws the same t/noise (exact resume), and changing any one of them draws other values.
+    Ignoring the batch would train every step on the same timesteps and noise; ignoring the
+    rank or the microbatch would give ranks / microbatches identical noise."""
+    from composer.utils import dist
+    from ditperf.model import DiT
+    from ditperf.trainer.model import DiTComposerModel
+
+    seed = random.randrange(2**31)
+    model = DiTComposerModel(DiT(get_config("tiny")), seed=seed)
+    rank = {"now": 0}
+    monkeypatch.setattr(dist, "get_global_rank", lambda: rank["now"])  # model.py calls dist.get_global_rank()
+
+    def draws(batch: int, on_rank: int, micro: int) -> torch.Tensor:
+        rank["now"] = on_rank
+        model.start_batch(batch)  # resets the microbatch counter
+        for _ in range(micro):
+            model.step_generator(torch.device("cpu"))
+        g = model.step_generator(torch.device("cpu"))
+        assert model.micro_index == micro + 1
+        return torch.randn(64, generator=g)
+
+    b = random.randrange(2, 10_000)
+    keys = [(0, 0, 0), (1, 0, 0), (b, 0, 0), (b + 1, 0, 0), (b, 1, 0), (b, 3, 0), (b, 0, 1), (b, 0, 2), (b, 1, 1)]
+    got = {k: draws(*k) for k in keys}
+    for k, x in got.items():
+        assert torch.equal(x, draws(*k)), k  # reproducible
+        ref = torch.randn(64, generator=torch.Generator().manual_seed(D.mix_seed(seed, *k)))
+        assert torch.equal(x, ref), k
+    for i, k in enumerate(keys):
+        for j in keys[i + 1:]:
+            assert not torch.equal(got[k], got[j]), (k, j)
+
+
+def test_loss_config_reaches_the_model(tiny_data: Path) -> None:
+    """loss.t_mean / t_std / cond_dropout reach the DiTComposerModel and its forward: the
+    timesteps and conditioning dropout the DiT receives are exactly the draws of the step
+    generator (order: t, noise, dropout) with the configured values."""
+    from ditperf.trainer.model import unwrap
+
+    t_mean = round(random.choice((-1, 1)) * random.uniform(0.3, 1.5), 3)
+    t_std = round(random.uniform(0.2, 0.9), 3)
+    p = round(random.uniform(0.3, 0.7), 3)
+    trainer, _ = _build(tiny_data, [f"loss.t_mean={t_mean}", f"loss.t_std={t_std}", f"loss.cond_dropout={p}"])
+    try:
+        model = unwrap(trainer.state.model)
+        assert (model.t_mean, model.t_std, model.cond_dropout) == (t_mean, t_std, p)
+        batch = next(iter(trainer.state.train_dataloader))
+        b = batch["latents"].shape[0]
+
+        def expected(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            g = torch.Generator().manual_seed(D.mix_seed(model.seed, index, 0, 0))
+            n = torch.randn(b, generator=g)
+            torch.randn(batch["latents"].shape, generator=g)  # the noise
+            return torch.sigmoid(t_mean + t_std * n), torch.rand(b, generator=g) < p
+
+        # a batch index whose dropout draws are mixed (some dropped, some kept): a dropout of
+        # 0 or 1 cannot pass by chance
+        index = next(i for i in range(200) if 0 < int(expected(i)[1].sum()) < b)
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        hook = model.model.register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append((args[1].detach().clone(), kwargs["drop"].clone())), with_kwargs=True)
+        try:
+            model.start_batch(index)
+            assert torch.isfinite(model(batch))
+        finally:
+            hook.remove()
+        ((t, drop),) = seen
+        t_ref, drop_ref = expected(index)
+        assert torch.allclose(t, t_ref, rtol=1e-6, atol=0) and torch.equal(drop, drop_ref)
+    finally:
+        trainer.close()
+
+
+def test_ema_half_life_from_config(tiny_data: Path) -> None:
+    """ema.half_life=Nba builds Composer's EMA with that half life, and a training batch updates
+    the average as ema = s * ema + (1 - s) * params with s = 0.5 ** (1 / N). (Composer's EMA
+    starts as a copy of the weights after the first batch: the second batch is the update.)"""
+    from composer.algorithms import EMA
+    from composer.core import Time, TimeUnit
+    from ditperf.trainer import train as T
+
+    half_life = random.randrange(2, 50)
+    s = 0.5 ** (1 / half_life)
+    # no warmup: the steps have the full learning rate, so the parameters move
+    trainer, _ = _build(tiny_data, [f"ema.half_life={half_life}ba", "max_duration=2ba", "scheduler.t_warmup=0ba"])
+    try:
+        (ema,) = [a for a in trainer.state.algorithms if isinstance(a, EMA)]
+        assert ema.half_life == Time(half_life, TimeUnit.BATCH) and ema.smoothing == pytest.approx(s, rel=1e-12)
+        trainer.fit(duration="1ba")
+        first, averaged = T.training_and_ema_params(trainer)
+        assert averaged is not None  # the EMA starts here: s * w + (1 - s) * w = w up to rounding
+        assert all(torch.allclose(averaged[k], first[k], rtol=1e-6, atol=1e-7) for k in first)
+        trainer.fit(duration="1ba")
+        params, averaged = T.training_and_ema_params(trainer)
+        assert int(trainer.state.timestamp.batch.value) == 2 and averaged is not None
+        step = torch.cat([(first[k] - params[k]).flatten() for k in first])
+        lag = torch.cat([(averaged[k] - params[k]).flatten() for k in first])
+        assert step.norm() > 1e-3  # it trained (Adam moves each parameter with a gradient by ~lr = 1e-3)
+        s_measured = float((lag @ step) / (step @ step))  # lag = s * step for the update above
+        assert abs(s_measured - s) < 1e-3, (s_measured, s)
+        assert (lag - s * step).norm() < 1e-3 * step.norm()
+    finally:
+        trainer.close()
+
+
+def test_flops_per_batch_counts_training_flops(tiny_data: Path) -> None:
+    """``flops_per_batch`` (what SpeedMonitor turns into MFU) is the analytic training cost
+    (forward + backward = 3x forward) of the batch's own size, bucket shape and text length."""
+    from ditperf.model import DiT, flops
+    from ditperf.trainer.model import DiTComposerModel
+
+    cfg = get_config("tiny")
+    model = DiTComposerModel(DiT(cfg), seed=random.randrange(2**31))
+    bs = random.choice((2, 3, 4, 6))
+    ds = D.build_dataset(tiny_data, batch_size=bs, shuffle=True, shuffle_seed=random.randrange(2**31))
+    shapes = set()
+    for batch in D.build_dataloader(ds, batch_size=bs, num_workers=0):
+        b, _, h, w = batch["latents"].shape
+        ref = flops(cfg, b, height=h, width=w, text_len=batch["text"].shape[1])
+        assert model.flops_per_batch(batch) == ref["train"] == pytest.approx(3 * ref["forward"])
+        shapes.add((b, h, w))
+    assert shapes == {(bs, 8, 8), (bs, 8, 12)}  # both buckets: the count follows the shape
+
+
+def test_nan_guard_stops_on_inf_and_nan() -> None:
+    """NaNGuard stops on any non-finite loss (NaN, +inf, -inf: an overflow makes inf first)
+    before backward, and on any non-finite parameter after the step; finite values pass."""
+    from types import SimpleNamespace
+
+    from ditperf.trainer.model import NaNGuard, NonFiniteLossError, NonFiniteParamsError
+
+    guard = NaNGuard()
+    batch = random.randrange(1, 1000)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+
+    def state(loss: torch.Tensor | None = None) -> Any:
+        return SimpleNamespace(loss=loss, model=net, timestamp=SimpleNamespace(batch=SimpleNamespace(value=batch)),
+                               device=SimpleNamespace(tensor_to_device=lambda t: t))
+
+    guard.after_loss(state(torch.rand(()) + 0.5), None)
+    guard.after_loss(state({"total": torch.rand(()) + 0.5}), None)
+    guard.batch_end(state(), None)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        loss = (torch.rand(()) + 0.5) * bad
+        with pytest.raises(NonFiniteLossError, match=rf"loss became non-finite \({bad}\) at batch {batch}$") as exc:
+            guard.after_loss(state(loss), None)
+        assert type(exc.value) is NonFiniteLossError and exc.value.batch == batch
+        with pytest.raises(NonFiniteLossError, match="non-finite"):
+            guard.after_loss(state({"total": loss}), None)
+        p = random.choice(list(net.parameters()))
+        i = random.randrange(p.numel())
+        with torch.no_grad():
+            old = p.view(-1)[i].item()
+            p.view(-1)[i] = bad
+        try:
+            with pytest.raises(NonFiniteParamsError, match=rf"optimizer step of batch {batch - 1} "):
+                guard.batch_end(state(), None)
+        finally:
+            with torch.no_grad():
+                p.view(-1)[i] = old
+        guard.batch_end(state(), None)
 
 
 # ----------------------------------------------------------------------------- training

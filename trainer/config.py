@@ -297,6 +297,17 @@ def validate_values(cfg: dict[str, Any]) -> None:
     if (not isinstance(betas, (list, tuple)) or len(betas) != 2
             or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {betas!r}")
+    loss = cfg["loss"]
+
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not (number(loss["cond_dropout"]) and 0 <= loss["cond_dropout"] <= 1):
+        raise ConfigError(f"loss.cond_dropout must be a probability in [0, 1], got {loss['cond_dropout']!r}")
+    if not number(loss["t_mean"]):
+        raise ConfigError(f"loss.t_mean must be a finite number, got {loss['t_mean']!r}")
+    if not (number(loss["t_std"]) and loss["t_std"] >= 0):
+        raise ConfigError(f"loss.t_std must be a finite number >= 0, got {loss['t_std']!r}")
     clip = cfg["grad_clip_norm"]
     if clip not in (None, False) and not (isinstance(clip, (int, float)) and clip >= 0):
         raise ConfigError(f"grad_clip_norm must be a number >= 0 or null (off), got {clip!r}")
