@@ -33,7 +33,9 @@ def latest_rows(runs: list[tuple[str, dict]]) -> list[dict]:
     latest: dict[tuple, dict] = {}
     for folder, doc in sorted(runs, key=lambda r: r[1].get("date", "")):
         for row in doc.get("rows", []):
-            key = (row.get("part"), row.get("case"), row.get("shape"), row.get("provider"))
+            # a standalone bench's rows carry only "bench", the suite's also "part": one key,
+            # as the table shows them (part or bench)
+            key = (row.get("part") or row.get("bench"), row.get("case"), row.get("shape"), row.get("provider"))
             if row.get("ms") is None and latest.get(key, {}).get("ms") is not None:
                 continue  # a failed or skipped rerun does not blank an earlier measurement
             latest[key] = {**row, "run": folder, "gpu": doc.get("gpu")}

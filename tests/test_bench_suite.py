@@ -229,3 +229,228 @@ def test_split32_trial_and_its_provider(tmp_path: Path, monkeypatch: pytest.Monk
     with bench_attention._split_head_dim(True, split_min=32):
         assert mod.head_dim_tiles(72) == (64, 32)
     assert "ditperf-split32" not in bench_attention.providers(bench_attention.Shape(1, 2, 8, 8, 64), False, True)
+
+
+def _bench_module(name: str):
+    """A bench/ script imported by path (bench/ on sys.path for its own `import benchlib`)."""
+    import importlib
+
+    sys.path.insert(0, str(REPO / "bench"))
+    return importlib.import_module(name)
+
+
+def test_fill_ratios_pair_rows_by_shape_and_skip_failed_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ratio_to_baseline = baseline ms / ms (> 1: faster than the baseline) for rows of the same
+    (bench, case, shape); a failed row (ms None) and a shape the baseline did not run get none."""
+    import random
+
+    monkeypatch.setenv("DITPERF_PARTIAL_JSON", "")  # rows made here are not a part's partial rows
+    benchlib = _bench_module("benchlib")
+    Row = benchlib.Row
+    ms = {(shape, prov): random.uniform(0.05, 5.0) for shape in ("S1", "S2") for prov in ("eager", "ditperf")}
+    rows = [Row("norms", "ln", shape, prov, t) for (shape, prov), t in ms.items()]
+    rows += [Row("norms", "ln", "S1", "compile", None),  # failed: no ratio, no crash
+             Row("norms", "ln", "S3", "ditperf", 1.0),  # the baseline did not run this shape
+             Row("norms", "rms", "S1", "ditperf", 1.0)]  # another case of the same shape
+    benchlib.fill_ratios(rows, "eager")
+    for r in rows[:4]:
+        assert r.baseline == "eager"
+        assert r.ratio_to_baseline == pytest.approx(ms[(r.shape, "eager")] / ms[(r.shape, r.provider)])
+    assert all(r.ratio_to_baseline is None and r.baseline is None for r in rows[4:])
+
+
+def test_apply_roof_reports_the_bound_closer_to_its_roof() -> None:
+    import random
+    import types
+
+    benchlib = _bench_module("benchlib")
+    roofs = types.SimpleNamespace(copy_gbps=random.uniform(2000, 4000), matmul_tflops=random.uniform(500, 1000))
+    for _ in range(20):
+        copy_pct, matmul_pct = random.uniform(1, 99), random.uniform(1, 99)
+        row = benchlib.Row.__new__(benchlib.Row)  # no partial-rows side effect
+        row.__dict__.update(gbps=copy_pct * roofs.copy_gbps / 100, tflops=matmul_pct * roofs.matmul_tflops / 100,
+                            pct_roof=None, roof=None)
+        benchlib.apply_roof(row, roofs)
+        want = (copy_pct, "copy") if copy_pct > matmul_pct else (matmul_pct, "matmul")
+        assert (row.pct_roof, row.roof) == (pytest.approx(want[0]), want[1])
+    only_gbps = benchlib.Row.__new__(benchlib.Row)
+    only_gbps.__dict__.update(gbps=roofs.copy_gbps / 2, tflops=None, pct_roof=None, roof=None)
+    benchlib.apply_roof(only_gbps, roofs)
+    assert (only_gbps.pct_roof, only_gbps.roof) == (pytest.approx(50.0), "copy")
+    benchlib.apply_roof(only_gbps, None)  # no GPU: left alone
+    assert only_gbps.roof == "copy"
+
+
+def test_ratio_text_shows_the_baseline_and_the_best_sdpa_ratio() -> None:
+    benchlib = _bench_module("benchlib")
+    both = {"ratio_to_baseline": 2.5, "baseline": "eager", "extra": {"vs_best_sdpa": 1.234, "best_sdpa": "flash"}}
+    assert benchlib.ratio_text(both) == "2.50x eager; 1.23x best SDPA (flash)"
+    assert benchlib.ratio_text({"extra": {"vs_best_sdpa": 0.9, "best_sdpa": "cudnn"}}) == "0.90x best SDPA (cudnn)"
+    assert benchlib.ratio_text({"ratio_to_baseline": 0.5, "baseline": "sdpa", "extra": {}}) == "0.50x sdpa"
+    assert benchlib.ratio_text({"ratio_to_baseline": None, "extra": None}) == "-"
+
+
+def test_finish_writes_rows_with_ratios_and_roofs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import random
+    import types
+
+    monkeypatch.setenv("DITPERF_PARTIAL_JSON", "")
+    benchlib = _bench_module("benchlib")
+    roofs = types.SimpleNamespace(copy_gbps=3000.0, matmul_tflops=800.0,
+                                  to_dict=lambda: {"copy_gbps": 3000.0, "matmul_tflops": 800.0})
+    base, ours = random.uniform(1, 2), random.uniform(0.2, 0.9)
+    rows = [benchlib.Row("attention", "self fwd", "B2", "sdpa", base, tflops=200.0),
+            benchlib.Row("attention", "self fwd", "B2", "ditperf", ours, gbps=2700.0, tflops=10.0)]
+    doc = benchlib.finish(rows, title="t", baseline="sdpa", out=tmp_path / "sub" / "r.json", roofs=roofs,
+                          extra_meta={"targets": {"x": 1}})
+    back = json.loads((tmp_path / "sub" / "r.json").read_text())
+    assert back == doc and back["baseline"] == "sdpa" and back["targets"] == {"x": 1}
+    assert back["schema_version"] == 1 and back["roofs"] == roofs.to_dict()
+    sdpa, dp = back["rows"]
+    assert dp["ratio_to_baseline"] == pytest.approx(base / ours) and sdpa["ratio_to_baseline"] == pytest.approx(1.0)
+    assert (dp["pct_roof"], dp["roof"]) == (pytest.approx(90.0), "copy")
+    assert (sdpa["pct_roof"], sdpa["roof"]) == (pytest.approx(25.0), "matmul")
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_partial_rows_file_holds_every_row_made_so_far(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    benchlib = _bench_module("benchlib")
+    path = tmp_path / "part.partial.json"
+    monkeypatch.setenv("DITPERF_PARTIAL_JSON", str(path))
+    monkeypatch.setattr(benchlib, "_PARTIAL_ROWS", [])
+    n = random.randint(2, 6)
+    for i in range(n):
+        benchlib.Row("norms", f"case{i}", "S", "ditperf", 0.1 * (i + 1))
+        doc = json.loads(path.read_text())
+        assert doc["partial"] is True and [r["case"] for r in doc["rows"]] == [f"case{j}" for j in range(i + 1)]
+    assert not Path(str(path) + ".tmp").exists()  # written atomically
+
+
+def test_ledger_keeps_every_provider_and_the_newest_run_by_date() -> None:
+    """The ledger's key is (part, case, shape, provider); "newest" is the run's date, not its
+    folder name (two runs of one day sort by sha in the folder name); a failed row stays in
+    the ledger (as '-') until a run measures it, and never blanks an earlier measurement."""
+    ledger = _bench_module("ledger")
+
+    def row(provider, ms, case="ln"):
+        return {"part": "norms", "case": case, "shape": "S", "provider": provider, "ms": ms}
+
+    runs = [("2026-11-27-h100-fff", {"date": "2026-11-27T08:00:00+00:00", "gpu": "H100",
+                                     "rows": [row("eager", 2.0), row("ditperf", 1.0)]}),
+            ("2026-11-27-h100-aaa", {"date": "2026-11-27T20:00:00+00:00", "gpu": "H100",
+                                     "rows": [row("ditperf", 0.5), row("ditperf", None, case="rms")]})]
+    got = {(r["case"], r["provider"]): (r["ms"], r["run"]) for r in ledger.latest_rows(runs)}
+    assert got == {("ln", "eager"): (2.0, "2026-11-27-h100-fff"), ("ln", "ditperf"): (0.5, "2026-11-27-h100-aaa"),
+                   ("rms", "ditperf"): (None, "2026-11-27-h100-aaa")}
+    newer = ("2026-11-28-h100-bbb", {"date": "2026-11-28T00:00:00+00:00", "rows": [row("ditperf", None)]})
+    got = {(r["case"], r["provider"]): r["ms"] for r in ledger.latest_rows([*runs, newer])}
+    assert got[("ln", "ditperf")] == 0.5
+    text = ledger.render(ledger.latest_rows(runs))
+    assert "| norms | rms | S | ditperf | - |" in text and "| norms | ln | S | eager | 2.0000 |" in text
+
+
+def _fake_parts(bench_run, seconds: dict[str, float]):
+    """Parts that each write one row (after sleeping ``seconds[name]``) to their JSON."""
+    code = ("import json, sys, time; time.sleep(float(sys.argv[2])); "
+            "json.dump({'rows': [{'case': sys.argv[3], 'shape': 'S', 'provider': 'p', 'ms': 1.0}]}, "
+            "open(sys.argv[1], 'w'))")
+    return [bench_run.Part(name, [sys.executable, "-c", code, "{out}", str(s), name], 60.0)
+            for name, s in seconds.items()]
+
+
+def test_only_runs_the_named_parts_in_the_order_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys) -> None:
+    bench_run = _bench_module("run")
+    monkeypatch.setattr(bench_run.signal, "signal", lambda *a: None)  # main's SIGTERM hook: not pytest's
+    monkeypatch.setattr(bench_run, "smoke_parts", lambda: _fake_parts(bench_run, {"a": 0, "b": 0, "c": 0}))
+    assert bench_run.main(["--suite", "smoke", "--out", str(tmp_path), "--only", "c", "a", "c"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [p["name"] for p in results["parts"]] == ["c", "a"]
+    assert [(r["part"], r["case"]) for r in results["rows"]] == [("c", "c"), ("a", "a")]
+    assert "| c | ok |" in (tmp_path / "summary.md").read_text()
+    assert bench_run.main(["--suite", "smoke", "--out", str(tmp_path), "--only", "a", "zz"]) == 2
+    assert "unknown parts ['zz']" in capsys.readouterr().err
+
+
+def test_suite_budget_boxes_a_part_and_skips_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A part gets at most the suite's time left (not its own larger box); once under 5 s are
+    left, the remaining parts are recorded as skipped, and the suite exits 1."""
+    import time
+
+    bench_run = _bench_module("run")
+    monkeypatch.setattr(bench_run.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(bench_run, "smoke_parts", lambda: _fake_parts(bench_run, {"slow": 30, "next": 0}))
+    t0 = time.perf_counter()
+    assert bench_run.main(["--suite", "smoke", "--out", str(tmp_path), "--budget-s", "6"]) == 1
+    assert time.perf_counter() - t0 < 25
+    slow, nxt = json.loads((tmp_path / "results.json").read_text())["parts"]
+    assert slow["status"].startswith("timed out after") and slow["seconds"] < 10 and slow["json"] is None
+    assert nxt["status"] == "skipped (suite budget spent)" and nxt["json"] is None
+
+
+def test_a_part_never_reports_an_earlier_runs_files(tmp_path: Path) -> None:
+    """A part that fails without writing JSON is recorded without rows, not with the JSON (or
+    partial rows) an earlier suite left in the same --out folder."""
+    bench_run = _bench_module("run")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    old = {"rows": [{"case": "old", "shape": "S", "provider": "p", "ms": 1.0}]}
+    (parts / "crash.json").write_text(json.dumps(old))
+    (parts / "crash.partial.json").write_text(json.dumps({"partial": True, **old}))
+    result = bench_run.run_part(bench_run.Part("crash", [sys.executable, "-c", "raise SystemExit(3)"], 30.0),
+                                tmp_path, 60.0)
+    assert result["status"] == "failed (exit 3)" and result["json"] is None
+
+
+def test_a_part_killed_by_a_signal_or_crashing_is_failed_and_keeps_its_rows(tmp_path: Path) -> None:
+    bench_run = _bench_module("run")
+    (tmp_path / "parts").mkdir()
+    suicide = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"  # as the OOM killer would
+    killed = bench_run.run_part(bench_run.Part("oom", [sys.executable, "-c", suicide], 30.0), tmp_path, 60.0)
+    assert killed["status"] == "failed (exit -9)"
+    code = (f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); from benchlib import Row; "
+            "Row('norms', 'ln', 'S', 'ditperf', 0.5); Row('norms', 'ln', 'S', 'eager', 1.5); raise SystemExit(1)")
+    crashed = bench_run.run_part(bench_run.Part("crash", [sys.executable, "-c", code], 30.0), tmp_path, 60.0)
+    assert crashed["status"] == "failed (exit 1) (kept 2 rows it had measured)"
+    assert [r["provider"] for r in crashed["json"]["rows"]] == ["ditperf", "eager"]
+    full = (f"import json, sys; sys.path.insert(0, {str(REPO / 'bench')!r}); from benchlib import Row; "
+            "Row('norms', 'ln', 'S', 'ditperf', 0.5); "
+            "json.dump({'rows': [{'case': 'ln', 'ratio_to_baseline': 3.0}]}, open(sys.argv[1], 'w'))")
+    done = bench_run.run_part(bench_run.Part("done", [sys.executable, "-c", full, "{out}"], 30.0), tmp_path, 60.0)
+    assert done["status"] == "ok" and done["json"]["rows"] == [{"case": "ln", "ratio_to_baseline": 3.0}]
+
+
+def test_a_parts_env_file_reaches_the_parts_after_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    bench_run = _bench_module("run")
+    monkeypatch.setenv("DITPERF_TEST_FROM_PART", "before")  # restored after the test
+    (tmp_path / "parts").mkdir()
+    value = str(random.randint(1, 10**9))
+    write = ("import sys; open(sys.argv[1], 'w').write("
+             f"'# comment\\nDITPERF_TEST_FROM_PART = {value}\\n\\nnot a setting\\n')")
+    writer = bench_run.Part("diag", [sys.executable, "-c", write, "{dir}/parts/diag.env"], 30.0, produces_rows=False,
+                            env_file="{dir}/parts/diag.env")
+    result = bench_run.run_part(writer, tmp_path, 60.0)
+    assert result["status"] == "ok" and result["env"] == {"DITPERF_TEST_FROM_PART": value}
+    read = ("import json, os, sys; "
+            "json.dump({'rows': [], 'seen': os.environ['DITPERF_TEST_FROM_PART']}, open(sys.argv[1], 'w'))")
+    reader = bench_run.Part("reader", [sys.executable, "-c", read, "{out}"], 30.0)
+    assert bench_run.run_part(reader, tmp_path, 60.0)["json"]["seen"] == value
+
+
+def test_ledger_matches_a_standalone_bench_row_with_the_suites_part_row() -> None:
+    """A standalone benchmark's rows carry only "bench"; the suite's rows also "part": the
+    table shows "part or bench", so a newer suite row replaces the older standalone one
+    instead of both being listed."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import ledger
+
+    row = {"case": "decode", "shape": "B32", "provider": "pil"}
+    runs = [("old", {"date": "2026-11-26", "rows": [{**row, "bench": "dataloader", "ms": 1.0}]}),
+            ("new", {"date": "2026-11-28", "rows": [{**row, "bench": "dataloader", "part": "dataloader", "ms": 0.5}]})]
+    rows = ledger.latest_rows(runs)
+    assert [(r["run"], r["ms"]) for r in rows] == [("new", 0.5)]
+    assert ledger.render(rows).count("| dataloader | decode | B32 | pil |") == 1

@@ -166,3 +166,62 @@ def test_kernel_cases_run_and_match_baselines_on_cpu():
         outs = {name: fn() for name, fn in providers.items()}
         (base,) = [v for k, v in outs.items() if k != "ditperf"]
         assert _max_err(outs["ditperf"], base) < 1e-4, (kernel, shape)
+
+
+def test_fit_monotone_weights_repeated_powers_and_ignores_input_order():
+    # three points at 100 W (0.3 each) pool with one at 200 W (0.1): the block's MFU is the
+    # point-weighted mean 0.25, its knot the point-weighted mean power 125 W
+    power, mfu = [100, 200, 100, 300, 100], [0.3, 0.1, 0.3, 0.5, 0.3]
+    kp, km = fit_monotone(power, mfu)
+    assert kp == pytest.approx([125.0, 300.0]) and km == pytest.approx([0.25, 0.5])
+    order = list(range(len(power)))
+    random.shuffle(order)
+    assert fit_monotone([power[i] for i in order], [mfu[i] for i in order]) == (kp, km)
+
+
+def test_fit_monotone_clips_negative_mfu_to_zero():
+    """Noise around an idle point can pool to a negative mean: the map never says < 0 MFU."""
+    rng = np.random.default_rng(random.randrange(2**31))
+    power = np.concatenate([[50.0], rng.uniform(60, 600, size=30)])
+    mfu = np.concatenate([[-0.5], np.clip((power[1:] - 60) / 700, 0, None) + rng.normal(0, 0.05, size=30)])
+    kp, km = fit_monotone(power, mfu)
+    assert km[0] == 0.0 and min(km) >= 0.0 and all(b >= a for a, b in pairwise(km))
+    cal = Calibration(gpu_name="g", driver="d", power_limit_w=700.0, roof_tflops=800.0, knots_power_w=kp,
+                      knots_mfu=km)
+    assert cal.mfu_at(0.0) == 0.0
+
+
+def test_find_calibration_never_borrows_another_gpus_map(tmp_path, monkeypatch):
+    """A near match is the same GPU name at the same limit (within 1 W) with another driver;
+    an exact match in a later file (the shipped ones) beats a near match in an earlier one."""
+    from ditperf.profiling import calibration as calmod
+
+    user, shipped = tmp_path / "user.json", tmp_path / "shipped.json"
+    save_calibration(_cal(driver="550.54.15"), user)
+    a100 = DeviceInfo(index=0, name="NVIDIA A100-SXM4-80GB", driver="550.54.15", power_limit_w=700.0)
+    got, note = find_calibration(a100, user)
+    assert got is None and "NVIDIA A100-SXM4-80GB" in note
+    within = DeviceInfo(index=0, name="NVIDIA H100 80GB HBM3", driver="550.54.15", power_limit_w=699.2)
+    got, note = find_calibration(within, user)
+    assert got is not None and got.power_limit_w == 700.0 and "made with driver" in note
+    save_calibration(_cal(driver="560.1"), shipped)
+    monkeypatch.setattr(calmod, "_search_paths", lambda path: [user, shipped])
+    got, note = find_calibration(DeviceInfo(index=0, name="NVIDIA H100 80GB HBM3", driver="560.1",
+                                            power_limit_w=700.0))
+    assert got is not None and got.driver == "560.1" and "shipped.json" in note
+
+
+def test_roofline_point_on_both_sides_of_the_ridge():
+    matmul, copy = random.uniform(200, 1000), random.uniform(1000, 5000)
+    ridge = matmul * 1e12 / (copy * 1e9)
+    nbytes, ms = random.uniform(1e6, 1e9), random.uniform(0.01, 10)
+    for ai, bound in ((ridge * 0.9, "memory"), (ridge * 1.1, "compute"), (ridge * 0.01, "memory")):
+        pt = roofline_point(ms, ai * nbytes, nbytes, matmul, copy)
+        attainable = min(matmul, ai * copy / 1e3)
+        assert pt["bound"] == bound and pt["ai"] == pytest.approx(ai)
+        assert pt["attainable_tflops"] == pytest.approx(attainable)
+        assert pt["pct_roof"] == pytest.approx(100 * ai * nbytes / (ms * 1e-3) / 1e12 / attainable)
+        assert pt["gbps"] == pytest.approx(nbytes / (ms * 1e-3) / 1e9)
+    # exactly at the ridge: "compute" only above it (both roofs meet there)
+    at = roofline_point(1.0, 2.5e11, 1e9, 750.0, 3000.0)
+    assert at["bound"] == "memory" and at["attainable_tflops"] == pytest.approx(750.0)

@@ -142,3 +142,95 @@ def test_fit_summary_uses_only_intervals_with_measured_energy():
     assert fit["energy_coverage"] == pytest.approx(0.8) and fit["proxy_util"] == pytest.approx(0.75)
     none = _fit_summary([{"seconds": 1.0, "energy_j": None, "items": 5}])
     assert none["energy_j"] is None and none["mean_w"] is None and none["energy_per_img_j"] is None
+
+
+def test_aggregate_sums_power_and_averages_ratios_over_gpus():
+    import random
+
+    from ditperf.profiling.callback import _aggregate
+
+    keys = ("energy_j", "mean_power_w", "peak_power_w", "power_limit_w", "idle_power_w", "power_proxy_util",
+            "power_proxy_util_net_idle", "throttle_share", "estimated_mfu")
+    devs = {str(i): {k: random.uniform(0.1, 700.0) for k in keys} for i in range(random.randint(2, 4))}
+    row = _aggregate({"duration_s": 1.5, "devices": devs})
+    for ours, theirs in (("energy_j", "energy_j"), ("mean_w", "mean_power_w"), ("peak_w", "peak_power_w"),
+                         ("limit_w", "power_limit_w"), ("idle_w", "idle_power_w")):
+        assert row[ours] == pytest.approx(sum(d[theirs] for d in devs.values())), ours
+    for ours, theirs in (("proxy_util", "power_proxy_util"), ("proxy_util_net_idle", "power_proxy_util_net_idle"),
+                         ("throttle_share", "throttle_share"), ("estimated_mfu", "estimated_mfu")):
+        assert row[ours] == pytest.approx(sum(d[theirs] for d in devs.values()) / len(devs)), ours
+    assert row["seconds"] == 1.5
+    devs["0"]["estimated_mfu"] = None  # one GPU without a calibration: no MFU for the interval
+    assert _aggregate({"duration_s": 1.5, "devices": devs})["estimated_mfu"] is None
+
+
+def test_fit_summary_ratios_are_time_weighted():
+    import random
+
+    from ditperf.profiling.callback import _fit_summary
+
+    history = [{"seconds": random.uniform(0.1, 10.0), "energy_j": random.uniform(10, 1000), "items": 8,
+                "proxy_util": random.random(), "estimated_mfu": random.random(), "flops_mfu": random.random()}
+               for _ in range(random.randint(2, 6))]
+    history[0]["seconds"] *= 20  # one long interval: a plain mean would be far off
+    fit = _fit_summary(history)
+    secs = sum(h["seconds"] for h in history)
+    for key in ("proxy_util", "estimated_mfu", "flops_mfu"):
+        assert fit[key] == pytest.approx(sum(h[key] * h["seconds"] for h in history) / secs), key
+    assert fit["mean_w"] == pytest.approx(sum(h["energy_j"] for h in history) / secs)
+
+
+class _FakeMonitor:
+    """What PowerCallback._begin/_end use of a PowerMonitor; records the windows it closes."""
+
+    def __init__(self) -> None:
+        self.infos, self.samples, self.ended = [object()], {0: []}, []
+
+    def begin_window(self, name):
+        pass
+
+    def end_window(self, name, items=None, *, flops=None):
+        self.ended.append((name, items, flops))
+        return {"duration_s": 2.0, "devices": {"0": {"energy_j": 100.0}}, "total": {"flops_mfu": None}}
+
+
+def _state(samples: int, batch: int, model=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(timestamp=SimpleNamespace(sample=SimpleNamespace(value=samples),
+                                                     batch=SimpleNamespace(value=batch)),
+                           model=model, batch=[torch.zeros(BATCH, 4)])
+
+
+def test_interval_items_are_this_ranks_and_flops_need_every_batch():
+    """items = global samples / world size (this rank's share: J/img per rank); an interval
+    where one batch's flops_per_batch failed reports no FLOPs rather than a partial count."""
+    import random
+    from types import SimpleNamespace
+
+    from ditperf.profiling.callback import PowerCallback
+
+    calls = {"n": 0}
+
+    class Model:  # reached through a DDP-style `.module`
+        def flops_per_batch(self, batch):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise RuntimeError("no FLOP count for this batch")
+            return FLOPS_PER_SAMPLE * len(batch[0])
+
+    world = random.choice([2, 4, 8])
+    cb = PowerCallback(log_interval=2)
+    cb.monitor, cb._world = _FakeMonitor(), world
+    wrapped = SimpleNamespace(module=Model())
+    cb._begin(_state(0, 0, wrapped))
+    for b in (1, 2):
+        cb._count_flops(_state(b * BATCH * world, b, wrapped))
+    row = cb._end(_state(2 * BATCH * world, 2, wrapped))
+    assert cb.monitor.ended[-1] == ("interval 1", 2 * BATCH, 2 * BATCH * FLOPS_PER_SAMPLE)
+    assert row["items"] == 2 * BATCH and row["batch"] == 2
+    cb._begin(_state(2 * BATCH * world, 2, wrapped))
+    for b in (3, 4):
+        cb._count_flops(_state(b * BATCH * world, b, wrapped))
+    cb._end(_state(4 * BATCH * world, 4, wrapped))
+    assert cb.monitor.ended[-1] == ("interval 2", 2 * BATCH, None)

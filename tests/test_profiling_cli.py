@@ -170,3 +170,83 @@ def test_killed_profiler_does_not_leave_the_command_running(replay, tmp_path):
     if not gone:
         os.kill(child_pid, signal.SIGKILL)
     assert gone, "the profiled command outlived a SIGKILLed `ditperf profile power`"
+
+
+def _stopped_monitor(power_w: float, seconds: float):
+    """A replayed, hand-clocked monitor sampled every 20 ms for ``seconds``, then stopped."""
+    from ditperf.profiling.power import PowerMonitor
+    from ditperf.profiling.readers import ManualClock, ReplayReader
+
+    info, samples = synthetic_trace(lambda t: power_w, seconds + 1.0, update_period_s=0.05)
+    clock = ManualClock()
+    mon = PowerMonitor(reader=ReplayReader([info], {0: samples}, clock=clock), interval_s=0.02, idle_power_w=60.0,
+                       background=False, calibration=None, sync_cuda=False).start()
+    mon.begin_window("all")
+    while clock.t < mon.t_start + seconds:
+        clock.advance(0.02)
+        mon.sample()
+    mon.end_window("all")
+    mon.stop()
+    return mon, clock
+
+
+def test_report_times_are_from_the_monitor_start(tmp_path):
+    """CSV ``t_s`` and the report's ``duration_s`` count from the monitor's start and end at
+    its stop (not at the time the report is written); non-finite values become null."""
+    import csv
+    import random
+
+    from ditperf.profiling.report import build_report, write_csv
+
+    seconds = random.uniform(0.3, 1.0)
+    mon, clock = _stopped_monitor(random.uniform(100.0, 600.0), seconds)
+    clock.advance(30.0)  # the report is written later
+    rows = list(csv.DictReader(write_csv(mon, tmp_path / "s.csv").open()))
+    want = [r.t - mon.t_start for r in mon.samples[0]]
+    assert [float(r["t_s"]) for r in rows] == pytest.approx(want, abs=1e-6)
+    assert 0.0 <= float(rows[0]["t_s"]) < 0.05 and all(r["device"] == "0" for r in rows)
+    assert float(rows[0]["power_w"]) == mon.samples[0][0].power_w
+    doc = build_report(mon, command=["x"], exit_code=0, extra={"ratio": float("inf"), "v": [float("-inf"), 1.5]})
+    assert doc["duration_s"] == pytest.approx(mon.t_stop - mon.t_start) and doc["duration_s"] < seconds + 0.1
+    assert doc["extra"] == {"ratio": None, "v": [None, 1.5]}
+    json.dumps(doc, allow_nan=False)  # strict JSON: no Infinity / NaN
+
+
+def test_print_summary_cells():
+    """One row per (window, device) in start order, nested windows after their parent;
+    fractions shown as percent."""
+    import io
+    import random
+
+    from ditperf.profiling.report import print_summary
+    from rich.console import Console
+
+    def stats(util, net, mfu, throttle):
+        return {"energy_j": 1234.5, "energy_source": "counter", "mean_power_w": 512.0, "p50_power_w": 500.0,
+                "peak_power_w": 650.0, "power_limit_w": 700.0, "power_proxy_util": util,
+                "power_proxy_util_net_idle": net, "j_per_item": 0.0123, "estimated_mfu": mfu, "samples": 20,
+                "sample_rate_hz": 20.0, "energy_update_period_s": 0.1, "throttle_share": throttle}
+
+    fr = [random.uniform(0.05, 0.95) for _ in range(5)]
+    doc = {"reader": "replay", "interval_s": 0.05, "idle_source": "given",
+           "windows": [{"name": "late", "t_start_s": 2.0, "duration_s": 1.0, "depth": 0,
+                        "devices": {"0": stats(0.5, 0.4, None, 0.0)}, "total": {}},
+                       {"name": "inner", "t_start_s": 0.5, "duration_s": 0.5, "depth": 1,
+                        "devices": {"0": stats(0.5, 0.4, None, 0.0)}, "total": {}},
+                       {"name": "early", "t_start_s": 0.5, "duration_s": 1.25, "depth": 0,
+                        "devices": {"0": stats(*fr[:4])}, "total": {"flops_mfu": fr[4]}}],
+           "devices": [{"index": 0, "name": "Fake H100", "power_field": "instant", "idle_power_w": 80.0,
+                        "notes": ["a note"], "calibration": "calibration note"}],
+           "warnings": ["look out"]}
+    buf = io.StringIO()
+    print_summary(doc, console=Console(file=buf, width=250))
+    text = buf.getvalue()
+    lines = [ln for ln in text.splitlines() if ln.startswith("│")]
+    assert [ln.split("│")[1].rstrip() for ln in lines] == [" early", "   inner", " late"]
+    cells = [c.strip() for c in lines[0].split("│")[1:-1]]
+    pct = [f"{100 * v:.0f}%" for v in fr]
+    assert cells[:6] == ["early", "0", "1.25", "1234.5", "counter", "512"]
+    assert cells[9:] == [pct[0], pct[1], "0.0123", pct[2], pct[4], "20 (20)", "100", pct[3]]
+    assert "est.MFU: the dense-GEMM MFU that draws this power" in text  # the footnote, as one GPU has it
+    assert "GPU 0 Fake H100: power from instant, idle 80 W (given); a note; calibration note" in text
+    assert "warning: look out" in text

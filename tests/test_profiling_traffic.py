@@ -115,3 +115,75 @@ def test_cli_writes_json_and_rejects_bad_input(tmp_path, capsys) -> None:
     assert main(["profile", "traffic", "tiny", "--batch", "0"]) == 2
     assert main(["profile", "traffic", "tiny", "--gbps", "-1"]) == 2
     assert main(["profile", "traffic", "tiny", "--json", str(tmp_path / "no" / "t.json")]) == 2
+
+
+def test_sdpa_backward_and_mask_bytes() -> None:
+    """The fused SDPA backward reads q, k, v, the output and its gradient (and the saved
+    log-sum-exp), writes dq, dk, dv; a mask is read by both passes at its stored size."""
+    import random
+
+    b, h, n, m, d = (random.randint(1, 4), random.randint(1, 4), random.randint(8, 64), random.randint(8, 64),
+                     random.choice([32, 64, 72]))
+    q, k, v = _meta(b, h, n, d, grad=True), _meta(b, h, m, d, grad=True), _meta(b, h, m, d, grad=True)
+    mask = torch.empty(b, 1, n, m, device="meta", dtype=torch.bool)
+    qo, kv, lse = b * h * n * d, b * h * m * d, 4 * b * h * n
+    for kwargs, masked in (({}, 0), ({"attn_mask": mask}, b * n * m)):
+        with record_traffic() as led:
+            F.scaled_dot_product_attention(q, k, v, **kwargs).backward(_meta(b, h, n, d))
+        fwd = led.ops["aten.scaled_dot_product_attention (fused)"]
+        bwd = led.ops["aten.scaled_dot_product_attention_bwd (fused)"]
+        assert fwd.bytes == 2 * (2 * qo + 2 * kv) + masked + lse  # q, o, k, v (+ mask), lse
+        assert bwd.bytes == 2 * (3 * qo + 2 * kv) + masked + 2 * (qo + 2 * kv) + lse  # and do; dq, dk, dv
+    with record_traffic() as led:
+        F.scaled_dot_product_attention(q, k, v, mask.expand(b, h, n, m))  # positional, broadcast over heads
+    assert led.ops["aten.scaled_dot_product_attention (fused)"].bytes == 2 * (2 * qo + 2 * kv) + lse + b * n * m
+    x, w = _meta(5, 16, grad=True), _meta(16, grad=True)
+    with record_traffic() as led:
+        F.rms_norm(x, (16,), w).backward(_meta(5, 16))
+    assert led.ops["aten.rms_norm_bwd (fused)"].bytes == 2 * (3 * 5 * 16 + 2 * 16)  # x, w, dy; dx, dw
+
+
+def test_floors_sum_each_calls_roofline_time() -> None:
+    """Serial floor: each matmul call at max(FLOPs / T, bytes / W) (a skinny matmul is
+    memory-bound, a square one compute-bound: not max over their sums); fused floor: the
+    step's FLOPs or bytes, whichever takes longer."""
+    import random
+
+    from ditperf.profiling.traffic import StepTraffic
+
+    big, skinny = random.randint(512, 1024), random.randint(2, 8)  # AI ~big / 3 and ~skinny
+    h, n, d = 16, random.randint(4096, 8192), 64  # attention: compute-bound, most of the FLOPs
+    with record_traffic() as led:
+        _meta(big, big) * _meta(big, big)
+        torch.mm(_meta(big, big), _meta(big, big))
+        torch.mm(_meta(skinny, 8192), _meta(8192, 8192))
+        F.scaled_dot_product_attention(_meta(1, h, n, d), _meta(1, h, n, d), _meta(1, h, n, d))
+    s = StepTraffic("x", "torch", "forward", 1, 1, 0, 0, "bfloat16", 0, list(led.ops.values()))
+    tflops, gbps = random.uniform(100, 300), random.uniform(2000, 4000)  # ridge 25..150 FLOP/B
+    T, W = tflops * 1e12, gbps * 1e9
+    calls = [(2 * big**3, 2 * 3 * big * big), (2 * skinny * 8192 * 8192, 2 * (2 * skinny * 8192 + 8192 * 8192))]
+    assert calls[0][0] / T > calls[0][1] / W and calls[1][0] / T < calls[1][1] / W  # one of each
+    attn = (4 * h * n * n * d, 2 * 4 * h * n * d + 4 * h * n)
+    fl = s.floors_ms(tflops, gbps)
+    assert fl["matmul_ms"] == pytest.approx(1e3 * sum(max(f / T, b / W) for f, b in calls))
+    assert fl["attention_ms"] == pytest.approx(1e3 * attn[0] / T)
+    assert fl["memory_ms"] == pytest.approx(1e3 * 2 * 3 * big * big / W)
+    flops_all = sum(f for f, _ in calls) + attn[0]
+    bytes_all = sum(b for _, b in calls) + attn[1] + 2 * 3 * big * big
+    assert flops_all / T > bytes_all / W  # the step's FLOPs (attention's included) set the fused floor
+    assert fl["fused_ms"] == pytest.approx(1e3 * flops_all / T)
+    doc = s.to_dict(tflops, gbps)
+    assert [o["bytes"] for o in doc["ops"]] == sorted((o.bytes for o in s.ops), reverse=True)
+    assert doc["floors_ms"] == fl and doc["roofs"] == {"tflops": tflops, "gbps": gbps}
+
+
+def test_train_step_counts_adamw_and_the_attention_backward() -> None:
+    """AdamW with fp32 states: 16 bytes read (param, grad, two moments) and 12 written per
+    parameter; ditperf's attention backward costs 2.5x its forward FLOPs."""
+    assert ADAMW_BYTES_PER_PARAM == 28
+    s = step_traffic("tiny", "triton", "train", 2)
+    (opt,) = [o for o in s.ops if o.op.startswith("optimizer")]
+    assert (opt.calls, opt.flops, opt.bytes) == (1, 0.0, 28 * s.params)
+    ops = {o.op: o for o in s.ops}
+    assert ops["ditperf.attention_bwd"].calls == ops["ditperf.attention"].calls > 0
+    assert ops["ditperf.attention_bwd"].flops == pytest.approx(2.5 * ops["ditperf.attention"].flops)
