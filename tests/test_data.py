@@ -270,6 +270,145 @@ def test_synth_class_preset_and_refuses_nonempty(tmp_path: Path) -> None:
         D.synth_dataset(tmp_path / "file", get_config("dit-s-2"), 6, progress=False)
 
 
+def test_verify_auto_hashes_only_under_the_limit(tiny_ds: Path, tmp_path: Path) -> None:
+    """``auto`` recomputes hashes only while the dataset is under ``auto_hash_limit_bytes``
+    (above it, hashing every shard of a multi-TB dataset before training would take hours):
+    a flipped byte is found under the limit and passes the size-only check above it. An
+    unknown mode (a typo such as ``hash``) is refused instead of silently checking less."""
+    root = copy_ds(tiny_ds, tmp_path / "ds")
+    for raw in root.glob("*/shard.*.mds"):
+        raw.unlink()  # decompressed copies from earlier reads: only the .zstd forms remain
+    shard = random.choice(_shards(root))
+    _flip_byte(shard)
+    total = sum(p.stat().st_size for p in _shards(root))
+    with pytest.raises(D.DataError, match=f"corrupt shard {shard}.*hash mismatch"):
+        D.verify_dataset(root, mode="auto", auto_hash_limit_bytes=total)
+    assert D.verify_dataset(root, mode="auto", auto_hash_limit_bytes=total - 1).total_samples == 24
+    for typo in ("hash", "sizes", "Auto", ""):
+        with pytest.raises(D.DataError, match=f"data.verify must be one of auto, size, hashes, none; got {typo!r}"):
+            D.verify_dataset(root, mode=typo)
+
+
+def test_verify_counts_samples_and_checks_every_column(tiny_ds: Path, tmp_path: Path) -> None:
+    """A bucket whose index lists other than the schema's sample count (a half-written
+    bucket), and shards without a column the schema promises (a class dataset's shards under
+    a text schema: the loader would fail on the first batch), are refused up front with the
+    index file named; every column counts, not only ``latent``."""
+    root = copy_ds(tiny_ds, tmp_path / "ds")
+    doc = json.loads((root / D.SCHEMA_FILE).read_text())
+    k = random.randrange(2)
+    name = doc["buckets"][k]["name"]
+    extra = random.randint(1, 5)
+    doc["buckets"][k]["samples"] += extra
+    (root / D.SCHEMA_FILE).write_text(json.dumps(doc))
+    with pytest.raises(D.DataError, match=f"{name}/index.json: lists 12 samples but .* bucket {name} has {12 + extra}"):
+        D.verify_dataset(root, mode="size")
+    doc["buckets"][k]["samples"] -= extra
+    (root / D.SCHEMA_FILE).write_text(json.dumps(doc))
+    D.verify_dataset(root, mode="size")
+    index = root / name / "index.json"
+    original = index.read_text()
+    for column in ("text", "text_mask", "label", "caption", "source_size", "bucket"):
+        idx = json.loads(original)
+        for shard in idx["shards"]:
+            i = shard["column_names"].index(column)
+            del shard["column_names"][i], shard["column_encodings"][i]
+        index.write_text(json.dumps(idx))
+        with pytest.raises(D.DataError, match=f"{name}/index.json: column '{column}' is None but"):
+            D.verify_dataset(root, mode="size")
+    index.write_text(original)
+    D.verify_dataset(root, mode="hashes")
+
+
+def test_verify_checks_the_compressed_form_next_to_a_decompressed_one(tiny_ds: Path, tmp_path: Path) -> None:
+    """Once Streaming has decompressed a local shard both forms sit side by side; both are
+    checked (a remote copy or a later ``rm *.mds`` makes the .zstd the one read again), so a
+    corrupt ``.zstd`` next to an intact ``.mds`` is still reported, by name."""
+    root = copy_ds(tiny_ds, tmp_path / "ds")
+    list(D.iter_samples(root))  # every shard decompressed
+    zipped = random.choice(sorted(root.glob("*/shard.*.mds.zstd")))
+    assert zipped.with_suffix("").is_file()
+    _flip_byte(zipped)
+    with pytest.raises(D.DataError, match=f"corrupt shard {zipped}.*hash mismatch"):
+        D.verify_dataset(root, mode="hashes")
+
+
+def test_collate_refuses_mixed_buckets_and_keeps_values() -> None:
+    """:func:`collate` is the last guard against a batch that mixes aspect-ratio buckets (a
+    DataLoader batch size other than the dataset's): two latent shapes are a DataError, even
+    when only one sample differs; a one-shape batch is stacked value for value."""
+    n = random.randint(2, 6)
+    samples = [{"latent": (np.random.rand(4, 8, 8) + 0.5).astype(np.float16), "label": random.randrange(10),
+                "sample_id": random.randrange(1000)} for _ in range(n)]
+    batch = D.collate(samples)
+    assert torch.equal(batch["latents"], torch.from_numpy(np.stack([s["latent"] for s in samples])))
+    assert batch["labels"].tolist() == [s["label"] for s in samples]
+    assert batch["sample_ids"].tolist() == [s["sample_id"] for s in samples]
+    odd = dict(samples[random.randrange(n)], latent=np.random.rand(4, 8, 12).astype(np.float16))
+    with pytest.raises(D.DataError, match=r"batch mixes latent shapes \[\(4, 8, 8\), \(4, 8, 12\)\]"):
+        D.collate([*samples, odd])
+    with pytest.raises(D.DataError, match="empty batch"):
+        D.collate([])
+
+
+def test_fast_reader_decodes_every_column(tiny_ds: Path, tmp_path: Path) -> None:
+    """The open-once shard reader decodes the variable-size columns (caption, bucket: two
+    strings, each with its own size in the sample header) and the typed ones (source_size
+    int32, text_mask uint8) exactly as Streaming's reader does, when a caller asks for them."""
+    root = copy_ds(tiny_ds, tmp_path / "ds")
+    ref = list(D.iter_samples(root))  # also decompresses the shards the fast path reads
+    cols = ["latent", "label", "caption", "bucket", "source_size", "text", "text_mask"]
+    ds = D.build_dataset(root, batch_size=4, shuffle=False, columns=cols)
+    for sid in random.sample(range(len(ref)), len(ref)):
+        got = ds.get_item(sid)
+        assert set(got) == {*cols, "sample_id"} and got["sample_id"] == sid
+        assert got["caption"] == ref[sid]["caption"] and got["bucket"] == ref[sid]["bucket"]
+        assert got["label"] == ref[sid]["label"]
+        for c in ("latent", "source_size", "text", "text_mask"):
+            assert got[c].dtype == ref[sid][c].dtype and np.array_equal(got[c], ref[sid][c]), c
+    assert ds._ditperf_maps, "the fast reader was not used"
+
+
+def test_truncated_decompressed_shard_is_a_data_error(tiny_ds: Path, tmp_path: Path) -> None:
+    """A decompressed ``.mds`` cut short after Streaming marked it local (disk full, a
+    killed copy) is read by the open-once reader: the sample that runs past the end is a
+    DataError naming the shard, not a numpy error or silently short data."""
+    root = copy_ds(tiny_ds, tmp_path / "ds")
+    list(D.iter_samples(root))
+    shard = root / random.choice(["8x8", "8x12"]) / "shard.00000.mds"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-random.randint(1, 64)])
+    ds = D.build_dataset(root, batch_size=4, shuffle=False)
+    with pytest.raises(D.DataError, match=f"shard {shard} is truncated: sample 11 needs bytes"):
+        for sid in range(24):
+            ds.get_item(sid)
+
+
+def test_class_count_and_schema_version_checks(tmp_path: Path) -> None:
+    """A class dataset with more classes than the model's label embedding is refused (labels
+    past the table index out of range on the GPU); fewer or as many are fine. A schema file
+    from a newer ditperf (version + 1) or of another format is refused, naming the file."""
+    config = get_config("dit-s-2")
+    for n, ok in ((config.num_classes + random.randint(1, 50), False), (config.num_classes, True),
+                  (random.randint(1, config.num_classes - 1), True)):
+        schema = D.DatasetSchema(conditioning="class", latent_channels=4, buckets=[D.Bucket(32, 32, 8)], num_classes=n)
+        if ok:
+            D.check_compatible(schema, config, tmp_path)
+        else:
+            with pytest.raises(D.DataError, match=f"column 'label' has {n} classes but model 'dit-s-2' has num_classes=1000"):
+                D.check_compatible(schema, config, tmp_path)
+    schema = D.DatasetSchema(conditioning="class", latent_channels=4, buckets=[D.Bucket(32, 32, 8)], num_classes=10)
+    path = schema.save(tmp_path)
+    doc = json.loads(path.read_text())
+    assert D.DatasetSchema.load(tmp_path).buckets[0].name == "32x32"
+    path.write_text(json.dumps(dict(doc, version=D.SCHEMA_VERSION + 1)))
+    with pytest.raises(D.DataError, match=f"{path}: schema version {D.SCHEMA_VERSION + 1} is newer"):
+        D.DatasetSchema.load(tmp_path)
+    path.write_text(json.dumps(dict(doc, format="other")))
+    with pytest.raises(D.DataError, match=f"{path}: not a ditperf dataset schema"):
+        D.DatasetSchema.load(tmp_path)
+
+
 # ----------------------------------------------------------------------------- encode
 
 
@@ -421,6 +560,175 @@ def test_encode_jsonl_class_labels(tiny_encoders: dict[str, Path], tmp_path: Pat
                     + json.dumps({"path": f"imgs/{paths[1].name}", "label": "cat"}) + "\n")
     with pytest.raises(D.DataError, match=f"{cats}:2: 'label' must be a whole number >= 0.*'cat'"):
         E.list_inputs(cats, "jsonl")
+
+
+def test_load_image_covers_the_bucket_and_crops_the_centre(tmp_path: Path) -> None:
+    """An image is scaled to *cover* its bucket (the short side fits, never squashed) and the
+    overhang is cut evenly from both ends: a 32x48 image in a 32x32 bucket is its middle 32
+    columns (no resampling at scale 1), a 48x32 one its middle rows, and a 64x96 one is first
+    halved (bicubic) to 32x48."""
+    from ditperf.trainer import encode as E
+    from PIL import Image
+
+    rng = np.random.default_rng(random.randrange(2**31))
+    for h, w, want in ((32, 48, np.s_[:, 8:40]), (48, 32, np.s_[8:40, :])):
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / "im.png")
+        pixels, src, k = E.load_image(str(tmp_path / "im.png"), [(32, 32)])
+        assert src == (h, w) and k == 0 and np.array_equal(pixels, arr[want])
+    big = Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    big.save(tmp_path / "big.png")
+    pixels, src, _ = E.load_image(str(tmp_path / "big.png"), [(32, 32)])
+    ref = np.asarray(big.resize((48, 32), Image.Resampling.BICUBIC))[:, 8:40]
+    assert src == (64, 96) and np.array_equal(pixels, ref)
+
+
+def test_encode_jsonl_captions_and_an_empty_caption(tiny_encoders: dict[str, Path], tmp_path: Path) -> None:
+    """A JSONL input's ``caption`` fields (not the .txt files beside the images) reach the
+    caption and text columns; an empty caption still gets one real token (text_mask[0] = 1
+    with its hidden state kept), so cross-attention always has a key."""
+    from ditperf.trainer import encode as E
+
+    paths = _images(tmp_path / "imgs", [(32, 32)] * 3, seed=random.randrange(2**31))
+    words = ["a", "red", "cat", "dog", "on", "the", "mat", "blue", "sky"]
+    captions = [" ".join(random.choices(words, k=2)), "", " ".join(random.choices(words, k=random.randint(3, 10)))]
+    jsonl = tmp_path / "list.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"path": f"imgs/{p.name}", "caption": c}) for p, c in zip(paths, captions)))
+    opts = E.EncodeOptions(vae=str(tiny_encoders["vae"]), text_encoder=str(tiny_encoders["te"]), resolution=32,
+                           progress=False)
+    E.encode_dataset(jsonl, tmp_path / "out", opts)
+    got = {s["caption"]: s for s in D.iter_samples(tmp_path / "out")}
+    assert sorted(got) == sorted(captions)
+    for c in captions:
+        m = got[c]["text_mask"]
+        assert m[0] == 1 and m.sum() == max(1, min(12, len(c.split()))), (c, m)
+    empty = got[""]["text"].astype(np.float32)
+    assert np.isfinite(empty).all() and np.abs(empty[0]).sum() > 0 and not empty[1:].any()
+
+
+def test_encode_redoes_a_chunk_whose_shard_file_is_gone(tiny_encoders: dict[str, Path], tmp_path: Path) -> None:
+    """A finished chunk whose part folder lost only its shard file (index.json still there)
+    is not intact: it is encoded again instead of being listed in the bucket's index, and
+    the other chunk's shard is left as it was."""
+    from ditperf.trainer import encode as E
+
+    _images(tmp_path / "imgs", [(32, 32)] * 4, seed=random.randrange(2**31))
+    opts = E.EncodeOptions(vae=str(tiny_encoders["vae"]), text_encoder=str(tiny_encoders["te"]), resolution=32,
+                           chunk_size=2, batch_size=2, progress=False)
+    out = tmp_path / "out"
+    E.encode_dataset(tmp_path / "imgs", out, opts)
+    lost = random.randrange(2)
+    kept = out / "16x16" / f"part-{1 - lost:05d}" / "shard.00000.mds.zstd"
+    before = (kept.stat().st_mtime_ns, kept.read_bytes())
+    gone = out / "16x16" / f"part-{lost:05d}" / "shard.00000.mds.zstd"
+    gone.unlink()
+    assert E.encode_dataset(tmp_path / "imgs", out, opts).total_samples == 4
+    assert gone.is_file() and (kept.stat().st_mtime_ns, kept.read_bytes()) == before
+    assert D.verify_dataset(out, mode="hashes").total_samples == 4
+
+
+def test_encode_refuses_a_resume_with_other_captions_or_seed(tiny_encoders: dict[str, Path], tmp_path: Path) -> None:
+    """The plan of an encode covers the captions (edited .txt files would mix old and new
+    text embeddings) and the seed of ``--latent sample`` (other noise draws): a rerun with
+    either changed is refused, naming what differs."""
+    from ditperf.trainer import encode as E
+
+    paths = _images(tmp_path / "imgs", [(32, 32)] * 3, seed=random.randrange(2**31))
+    seed = random.randrange(2**31)
+    opts = E.EncodeOptions(vae=str(tiny_encoders["vae"]), text_encoder=str(tiny_encoders["te"]), resolution=32,
+                           chunk_size=2, latent="sample", seed=seed, progress=False)
+    out = tmp_path / "out"
+    E.encode_dataset(tmp_path / "imgs", out, opts)
+    with pytest.raises(D.DataError, match=r"different settings \(seed differ\)"):
+        E.encode_dataset(tmp_path / "imgs", out, E.EncodeOptions(**{**opts.__dict__, "seed": seed + 1}))
+    txt = random.choice(paths).with_suffix(".txt")
+    txt.write_text(txt.read_text() + " dog")
+    with pytest.raises(D.DataError, match=r"different settings \(inputs differ\)"):
+        E.encode_dataset(tmp_path / "imgs", out, opts)
+
+
+def _labelled_jsonl(tmp_path: Path, n: int) -> tuple[Path, list[Path]]:
+    """``n`` random 32x32 images and a JSONL listing them with labels 0..n-1 (sorted order)."""
+    paths = _images(tmp_path / "imgs", [(32, 32)] * n, seed=random.randrange(2**31))
+    jsonl = tmp_path / "list.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"path": f"imgs/{p.name}", "label": i}) for i, p in enumerate(paths)))
+    return jsonl, paths
+
+
+def test_encode_applies_the_vae_shift_and_scaling_factors(tiny_encoders: dict[str, Path], tmp_path: Path) -> None:
+    """``latent = (mean - shift_factor) * scaling_factor`` with both factors from the VAE's
+    config (SD3/Flux VAEs have a shift; the SD VAE has none, so only a VAE with one tells
+    ``(z - shift) * scale`` from ``z * scale - shift``); the schema records both."""
+    from diffusers import AutoencoderKL
+    from ditperf.trainer import encode as E
+
+    vae_dir = shutil.copytree(tiny_encoders["vae"], tmp_path / "vae")
+    cfg = json.loads((vae_dir / "config.json").read_text())
+    shift, scale = random.uniform(0.2, 1.0), random.uniform(0.3, 2.0)
+    (vae_dir / "config.json").write_text(json.dumps(dict(cfg, shift_factor=shift, scaling_factor=scale)))
+    jsonl, paths = _labelled_jsonl(tmp_path, 2)
+    opts = E.EncodeOptions(vae=str(vae_dir), labels="jsonl", buckets="32x32", progress=False)
+    schema = E.encode_dataset(jsonl, tmp_path / "out", opts)
+    assert (schema.source["shift_factor"], schema.source["scaling_factor"]) == (shift, scale)
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    got = {s["label"]: s["latent"] for s in D.iter_samples(tmp_path / "out")}
+    for i, p in enumerate(paths):
+        pixels, _, _ = E.load_image(str(p), [(32, 32)])
+        with torch.no_grad():
+            x = torch.from_numpy(np.array(pixels))[None].permute(0, 3, 1, 2).float() / 127.5 - 1
+            ref = (vae.encode(x).latent_dist.mean[0] - shift) * scale
+        np.testing.assert_allclose(got[i].astype(np.float32), ref.numpy(), atol=3e-3, rtol=3e-3)
+
+
+def test_encode_latent_sample_noise_follows_the_image_index(tiny_encoders: dict[str, Path], tmp_path: Path) -> None:
+    """``--latent sample``: z = mean + std * n, n drawn from (seed, index of the image in the
+    sorted inputs), so an image gets the same draw whatever the batch size or chunking;
+    checked against draws written out, at batch sizes 1 and 3."""
+    from diffusers import AutoencoderKL
+    from ditperf.trainer import encode as E
+
+    jsonl, paths = _labelled_jsonl(tmp_path, 3)
+    seed = random.randrange(2**31)
+    got = {}
+    for bs in (1, 3):
+        opts = E.EncodeOptions(vae=str(tiny_encoders["vae"]), labels="jsonl", buckets="32x32", latent="sample",
+                               seed=seed, batch_size=bs, progress=False)
+        E.encode_dataset(jsonl, tmp_path / f"out{bs}", opts)
+        got[bs] = {s["label"]: s["latent"].astype(np.float32) for s in D.iter_samples(tmp_path / f"out{bs}")}
+    vae = AutoencoderKL.from_pretrained(tiny_encoders["vae"]).eval()
+    for i, p in enumerate(paths):
+        pixels, _, _ = E.load_image(str(p), [(32, 32)])
+        with torch.no_grad():
+            x = torch.from_numpy(np.array(pixels))[None].permute(0, 3, 1, 2).float() / 127.5 - 1
+            dist = vae.encode(x).latent_dist
+        n = torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(D.mix_seed(seed, i)))
+        ref = ((dist.mean[0] + dist.std[0] * n) * vae.config.scaling_factor).numpy()
+        mean = (dist.mean[0] * vae.config.scaling_factor).numpy()
+        for bs in (1, 3):
+            np.testing.assert_allclose(got[bs][i], ref, atol=3e-3, rtol=3e-3)
+        assert np.abs(got[1][i] - mean).max() > 1e-2  # noise was added
+
+
+def test_encode_folder_labels(tiny_encoders: dict[str, Path], tmp_path: Path) -> None:
+    """``--labels folders``: the class of an image is the index of its sub-folder among the
+    sorted class folder names (0-based, recorded in the schema); images straight in the
+    input folder have no class to take and are refused."""
+    from collections import Counter
+
+    from ditperf.trainer import encode as E
+
+    classes = sorted(random.sample(["cat", "dog", "fox", "owl", "yak"], 3))
+    counts = random.sample([1, 2, 3], 3)
+    for c, n in zip(classes, counts):
+        _images(tmp_path / "imgs" / c, [(32, 32)] * n, seed=random.randrange(2**31))
+    opts = E.EncodeOptions(vae=str(tiny_encoders["vae"]), labels="folders", buckets="32x32", progress=False)
+    schema = E.encode_dataset(tmp_path / "imgs", tmp_path / "out", opts)
+    assert schema.num_classes == 3 and schema.source["classes"] == classes
+    labels = Counter(s["label"] for s in D.iter_samples(tmp_path / "out"))
+    assert labels == {i: n for i, n in enumerate(counts)}
+    _images(tmp_path / "flat", [(32, 32)] * 2)
+    with pytest.raises(D.DataError, match="--labels folders: .*flat has no class subfolders"):
+        E.list_inputs(tmp_path / "flat", "folders")
 
 
 def test_cli_synth_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

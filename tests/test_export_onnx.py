@@ -3,8 +3,10 @@ opset lowering, the CLI and its bad-input paths, and the TensorRT engine (GPU + 
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,7 +20,14 @@ pytest.importorskip("onnxscript")
 
 from ditperf.cli.main import main
 from ditperf.export.coverage import analyze, count_decomposed_layernorms
-from ditperf.export.onnx_export import ExportSpec, export_onnx
+from ditperf.export.onnx_export import (
+    ExportSpec,
+    build_model,
+    check_against_torch,
+    check_file,
+    export_onnx,
+    read_metadata,
+)
 from ditperf.export.onnx_io import OnnxInputError, load_model, ort_runs_opset23, ort_session
 from ditperf.export.opset import lower_18_to_17
 
@@ -306,6 +315,201 @@ def test_cli_surgery_roundtrip(tmp_path, capsys):
     assert "layernorms_folded=1" in out and "onnx.checker: OK" in out
     assert "onnxruntime check" in out
     assert [n.op_type for n in onnx.load(str(dst)).graph.node] == ["LayerNormalization", "Relu"]
+
+
+# ---------------------------------------------------------------------------------------
+# Metadata, the numeric check's verdict, eps and scale in the translations, onnx_io helpers
+
+
+@pytest.fixture(scope="module")
+def seeded_export(outdir: Path) -> tuple[ExportSpec, Any]:
+    """tiny (torch backend, opset 18, static batch 1) with the random weights of a fresh
+    non-zero seed; no numeric check at export time (the tests run their own)."""
+    spec = ExportSpec(preset="tiny", out=str(outdir / "tiny_seeded.onnx"), backend="torch", opset=18,
+                      seed=random.randrange(1, 2**20), check=False)
+    return spec, export_onnx(spec, log=lambda _msg: None)
+
+
+def test_check_rebuilds_the_seeded_weights_and_small_models_stay_inline(
+        seeded_export: tuple[ExportSpec, Any]) -> None:
+    """The metadata holds the seed of the random weights, so ``ditperf export check`` rebuilds
+    exactly the exported model (not seed 0's); a model far below 2 GB is saved inline (no
+    ``.data`` file) when external data is left to the size."""
+    spec, res = seeded_export
+    meta = read_metadata(load_model(res.path, load_external_data=False))
+    assert meta["seed"] == str(spec.seed) and meta["preset"] == "tiny" and meta["backend"] == "torch"
+    assert (meta["opset"], meta["opset_requested"], meta["batch"], meta["dtype"]) == ("18", "18", "1", "fp32")
+    assert res.data_path is None and not Path(res.path + ".data").exists()
+    check = check_file(res.path, log=lambda _msg: None)
+    assert check["ok"] and check["max_rel"] < 1e-4 and check["ref_max"] > 1e-3, check
+
+
+def test_check_fails_an_output_off_by_more_than_the_fp32_tolerance(seeded_export: tuple[ExportSpec, Any]) -> None:
+    """The check's verdict uses the fp32 tolerance (1e-4 of max|output|), not a looser one:
+    a reference whose final projection is scaled by 1 + f (f in [1e-3, 5e-3]) differs by f
+    relative everywhere and fails, while the unchanged model passes."""
+    spec, res = seeded_export
+    meta = read_metadata(load_model(res.path, load_external_data=False))
+    model = build_model("tiny", backend="torch", seed=spec.seed)
+    assert check_against_torch(res.path, model, meta=meta, seed=spec.seed + 1)["ok"]
+    f = random.uniform(1e-3, 5e-3)
+    with torch.no_grad():
+        model.final_layer.linear.weight.mul_(1 + f)
+        model.final_layer.linear.bias.mul_(1 + f)
+    check = check_against_torch(res.path, model, meta=meta, seed=spec.seed + 1)
+    assert not check["ok"] and check["tolerance_rel"] == 1e-4, check
+    assert check["max_rel"] == pytest.approx(f / (1 + f), rel=0.05), check
+
+
+def test_check_rebuilds_checkpoint_weights(tmp_path: Path) -> None:
+    """An export from ``--ckpt`` records the checkpoint path; ``ditperf export check`` loads
+    those weights again (random weights of the recorded seed would not match)."""
+    from ditperf.model import DiT
+
+    src = DiT("tiny")
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ckpt = tmp_path / "w.pt"
+    torch.save(src.state_dict(), ckpt)
+    spec = ExportSpec(preset="tiny", out=str(tmp_path / "ck.onnx"), ckpt=str(ckpt), backend="torch", opset=18,
+                      check=False)
+    res = export_onnx(spec, log=lambda _msg: None)
+    assert read_metadata(load_model(res.path, load_external_data=False))["ckpt"] == str(ckpt)
+    check = check_file(res.path, log=lambda _msg: None)
+    assert check["ok"] and check["max_rel"] < 1e-4, check
+
+
+class _NormsBlock(torch.nn.Module):
+    """The three norms (affine LayerNorm with modulation, gated residual + LayerNorm, RMSNorm
+    with a weight), each as its own output."""
+
+    def __init__(self, C: int) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(C))
+        self.b = torch.nn.Parameter(torch.randn(C))
+        self.rw = torch.nn.Parameter(torch.randn(C))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                gate: torch.Tensor, K: Any) -> tuple[torch.Tensor, ...]:
+        h = K.layer_norm(x, self.w, self.b, shift=shift, scale=scale)
+        x2, h2 = K.gated_residual_layer_norm(x, y, gate, shift=shift, scale=scale)
+        return h, x2, h2, K.rms_norm(x, self.rw)
+
+
+@pytest.mark.parametrize("opset", [18, pytest.param(23, marks=needs_ort23)])
+def test_norm_translations_keep_eps_on_small_inputs(opset: int) -> None:
+    """The norms' eps (1e-6) reaches LayerNormalization / RMSNormalization and sits inside
+    the square root of the opset-18 RMS decomposition. On activations of ~1e-3 (variance
+    ~1e-6, the size of eps) ONNX's default epsilon 1e-5, or sqrt(ms) + eps, changes the
+    output by tens of percent; on unit-scale inputs neither would show."""
+    from ditperf.export.translations import translation_table
+
+    B, N, C = 2, 5, 32
+    block = _NormsBlock(C)
+    small = 10 ** random.uniform(-3.2, -2.8)
+    args = (torch.randn(B, N, C) * small, torch.randn(B, N, C) * small, torch.randn(B, C), torch.randn(B, C),
+            torch.rand(B, C) + 0.5)
+    with torch.no_grad():
+        refs = _Bound(block, _Reference())(*args)
+    prog = torch.onnx.export(_Bound(block, _Kernels()), args, dynamo=True, opset_version=opset,
+                             custom_translation_table=translation_table(opset), verbose=False)
+    sess = ort_session(prog.model_proto)
+    outs = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args, strict=True)})
+    for got, ref in zip(outs, refs, strict=True):
+        np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+class _ScaledAttention(torch.nn.Module):
+    """ditperf's attention op with an explicit softmax scale."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.ops.ditperf.attention(q, k, v, mask, self.scale)[0]
+
+
+@pytest.mark.parametrize("opset", [18, pytest.param(23, marks=needs_ort23)])
+def test_attention_translation_keeps_a_non_default_scale(opset: int) -> None:
+    """The op's ``scale`` argument reaches the ONNX graph (``Attention``'s ``scale``
+    attribute at opset 23, the split sqrt(scale) factors below): a scale far from the
+    default 1/sqrt(D) gives the reference's output, not the default-scaled one."""
+    import ditperf.kernels as K
+    from ditperf.export.translations import translation_table
+
+    B, H, N, Nk, Dh = 2, 2, 5, 6, 16
+    scale = random.uniform(0.6, 1.2)  # the default would be 0.25
+    q, k, v = torch.randn(B, H, N, Dh), torch.randn(B, H, Nk, Dh), torch.randn(B, H, Nk, Dh)
+    mask = torch.rand(B, Nk) < 0.7
+    mask[:, 0] = True
+    ref = K.attention_ref(q, k, v, key_mask=mask, scale=scale)
+    prog = torch.onnx.export(_ScaledAttention(scale), (q, k, v, mask), dynamo=True, opset_version=opset,
+                             custom_translation_table=translation_table(opset), verbose=False)
+    sess = ort_session(prog.model_proto)
+    (out,) = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), (q, k, v, mask), strict=True)})
+    np.testing.assert_allclose(out, ref.numpy(), atol=2e-5, rtol=1e-5)
+
+
+def test_save_model_rewrites_its_external_data(tmp_path: Path) -> None:
+    """Saving again over a model with external data replaces ``<name>.data`` (onnx appends
+    to an existing file: the data file would grow with every save and hold stale weights)."""
+    from ditperf.export.onnx_io import save_model
+
+    rng = np.random.default_rng(random.randrange(2**31))
+    x = helper.make_tensor_value_info("x", T.FLOAT, [3, 16])
+    y = helper.make_tensor_value_info("y", T.FLOAT, [3, 16])
+    p = tmp_path / "m.onnx"
+    sizes = []
+    for _ in range(2):
+        w = rng.standard_normal((16, 16)).astype(np.float32)
+        m = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y],
+                                                initializer=[numpy_helper.from_array(w, "w")]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+        save_model(m, p, external_data=True, size_threshold=0)
+        sizes.append((tmp_path / "m.onnx.data").stat().st_size)
+        feed = rng.standard_normal((3, 16)).astype(np.float32)
+        np.testing.assert_allclose(ort_session(p).run(None, {"x": feed})[0], feed @ w, rtol=1e-5, atol=1e-5)
+    assert sizes[0] == sizes[1] == 16 * 16 * 4
+
+
+def test_random_feeds_shapes_ranges_and_masks() -> None:
+    """Random check inputs: symbolic dims from ``dims`` (else ``default_dim``), normal floats,
+    integers in {0, 1}, and bool masks with at least one True per row (an all-False key mask
+    row is the degenerate case, not what a check should feed); 512 rows of 3 would hold a
+    blank row ~14 times without the guarantee."""
+    from ditperf.export.check import random_feeds
+
+    inputs = [helper.make_tensor_value_info("x", T.FLOAT, ["batch", 64]),
+              helper.make_tensor_value_info("mask", T.BOOL, ["batch", 3]),
+              helper.make_tensor_value_info("ids", T.INT64, ["batch", "n"])]
+    outputs = [helper.make_tensor_value_info(f"o_{i.name}", i.type.tensor_type.elem_type, None) for i in inputs]
+    m = helper.make_model(helper.make_graph([helper.make_node("Identity", [i.name], [f"o_{i.name}"]) for i in inputs],
+                                            "g", inputs, outputs), opset_imports=[helper.make_opsetid("", 18)])
+    feeds = random_feeds(ort_session(m), seed=random.randrange(2**31), dims={"batch": 512}, default_dim=5)
+    assert feeds["x"].shape == (512, 64) and feeds["x"].dtype == np.float32
+    assert abs(float(feeds["x"].std()) - 1) < 0.05
+    assert feeds["mask"].shape == (512, 3) and feeds["mask"].dtype == np.bool_
+    assert feeds["mask"].any(axis=-1).all() and not feeds["mask"].all()
+    assert feeds["ids"].shape == (512, 5) and set(np.unique(feeds["ids"]).tolist()) == {0, 1}
+
+
+def test_default_opset_reads_either_name_of_the_default_domain() -> None:
+    """The default domain is imported as "" or as "ai.onnx"; other domains' versions (custom
+    or com.microsoft ops) are not the model's opset."""
+    from ditperf.export.onnx_io import default_opset
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", T.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, [2])])
+    v = random.choice([17, 18, 20, 23])
+    for domain in ("", "ai.onnx"):
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("com.microsoft", 1),
+                                                    helper.make_opsetid(domain, v)])
+        assert default_opset(m) == v
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("com.microsoft", 1)])
+    assert default_opset(m) is None
 
 
 # ---------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -657,6 +657,21 @@ def _make_dataset_class() -> type:
                 if hasattr(self, "_event"):
                     self._event.set()  # stop Streaming's background threads
                 raise DataError(msg) from exc
+
+        def __iter__(self) -> Iterator[dict[str, Any]]:
+            """Streaming's iteration, but a shard that failed in a background prepare thread
+            ends it with that DataError: Streaming's sample loop just stops when its threads
+            fail (an epoch of 0 batches and no error, then a bare RuntimeError next epoch)."""
+            try:
+                yield from super().__iter__()
+            except RuntimeError as exc:  # "Background thread failed": say what failed
+                failure = getattr(self, "_ditperf_failure", None)
+                if failure is None:
+                    raise
+                raise DataError(failure) from exc
+            failure = getattr(self, "_ditperf_failure", None)
+            if failure is not None:
+                raise DataError(failure)
 
         def get_item(self, sample_id: int, retry: int = 7) -> Any:
             sample = self._fast(sample_id)
