@@ -605,7 +605,7 @@ def _bwd_dkdv_kernel_body(
 # Autotuning
 # ----------------------------------------------------------------------------------------
 
-_AUTOTUNE_KEY = ["HEAD_DIM", "SPLIT", "HAS_MASK", "NQ_BUCKET", "NK_BUCKET"]  # + dtypes (automatic)
+_AUTOTUNE_KEY = ["HEAD_DIM", "SPLIT", "BLOCK_D1", "HAS_MASK", "NQ_BUCKET", "NK_BUCKET"]  # + dtypes (automatic)
 
 # Curated Hopper subsets (BLOCK_M, BLOCK_N, num_stages, num_warps) of the full space, checked
 # with ``bench/attention.py --compile-check`` (sm_90, triton 3.3: all use HGMMA, no spills
