@@ -143,7 +143,10 @@ def _graph_facts(graph: onnx.GraphProto, outer: GraphFacts | None = None) -> Gra
     for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
         if vi.type.HasField("tensor_type"):
             types[vi.name] = vi.type.tensor_type.elem_type
-    constants = set(outer.constants) if outer else set()
+    # names the body defines (its inputs: a Loop's carried values, a Scan's slices; its nodes'
+    # outputs) are its own, whatever the outer scope holds under the same name
+    defined = {vi.name for vi in graph.input} | {o for n in graph.node for o in n.output if o}
+    constants = set(outer.constants) - defined if outer else set()
     for init in graph.initializer:
         types[init.name] = init.data_type
         constants.add(init.name)

@@ -137,20 +137,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     pt.add_argument("preset", help="model preset (dit-s-2 ... dit-xl-2, t2i-1b, tiny)")
     pt.add_argument("--mode", choices=("train", "forward", "cfg-step"), default="train",
                     help="train: fwd + bwd + AdamW; forward; cfg-step: the model at 2x batch (default train)")
-    pt.add_argument("--batch", type=int, default=None, metavar="N",
+    pt.add_argument("--batch", type=_positive_int, default=None, metavar="N",
                     help="samples (images for cfg-step; default 64 for class presets, 4 for text ones, "
                          "1 for cfg-step)")
     pt.add_argument("--backend", choices=("torch", "triton", "both"), default="both",
                     help="which backend's operators to count (default both)")
     pt.add_argument("--edit", action="store_true", help="the preset's edit variant (source + mask channels)")
-    pt.add_argument("--height", type=int, default=None, help="latent height (default: the preset's)")
-    pt.add_argument("--width", type=int, default=None, help="latent width (default: the preset's)")
-    pt.add_argument("--text-len", type=int, default=None, help="text tokens (text presets; default: the preset's)")
-    pt.add_argument("--tflops", type=float, default=701.0, help="matmul roof in TFLOP/s (default 701)")
-    pt.add_argument("--gbps", type=float, default=3000.0, help="copy roof in GB/s (default 3000)")
+    pt.add_argument("--height", type=_positive_int, default=None, help="latent height (default: the preset's)")
+    pt.add_argument("--width", type=_positive_int, default=None, help="latent width (default: the preset's)")
+    pt.add_argument("--text-len", type=_positive_int, default=None, help="text tokens (text presets; default: the preset's)")
+    pt.add_argument("--tflops", type=_positive_float, default=701.0, help="matmul roof in TFLOP/s (default 701)")
+    pt.add_argument("--gbps", type=_positive_float, default=3000.0, help="copy roof in GB/s (default 3000)")
     pt.add_argument("--top", type=int, default=12, help="memory-bound operators listed per backend (default 12)")
     pt.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the ledgers as JSON")
     pt.set_defaults(func=_traffic)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number, got {text!r}")
+    return value
 
 
 def _no_sub(p: argparse.ArgumentParser) -> int:
@@ -348,17 +370,14 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
 
 def _traffic(args: argparse.Namespace) -> int:
+    """``ditperf profile traffic``: the ledgers of each backend, a table, optional JSON."""
     import json
 
     from ditperf.model import get_config
     from ditperf.profiling.traffic import compare_table, step_traffic
 
-    if args.tflops <= 0 or args.gbps <= 0:
-        raise _user_error(f"roofs must be positive; got --tflops {args.tflops} --gbps {args.gbps}")
     if args.top < 0:
         raise _user_error(f"--top must be >= 0, got {args.top}")
-    if args.batch is not None and args.batch < 1:
-        raise _user_error(f"--batch must be >= 1, got {args.batch}")
     if args.json is not None and not args.json.parent.is_dir():
         raise _user_error(f"--json: folder {args.json.parent} does not exist")
     try:

@@ -16,7 +16,8 @@ Operators fall in three classes:
   matmul     mm / addmm / bmm / convolution: cuBLAS or cuDNN, the same in both backends
   attention  ``ditperf::attention(_bwd)``, or ``F.scaled_dot_product_attention`` counted as one
              fused kernel (flash / cuDNN / efficient on a GPU; the meta device would
-             otherwise decompose it into a materialized N x N softmax)
+             otherwise decompose it into a materialized N x N softmax; ``is_causal`` still
+             counts the full N x N FLOPs, and a float mask gets no gradient)
   memory     everything else: norms, modulation, residual adds, GELU, casts, reductions
 
 Floors at roofs T (TFLOP/s) and W (GB/s):
@@ -44,7 +45,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
 Mode = Literal["train", "forward", "cfg-step"]
-MODES: tuple[str, ...] = ("train", "forward", "cfg-step")
+MODES: tuple[str, ...] = get_args(Mode)
 OpClass = Literal["matmul", "attention", "memory"]
 
 #: AdamW with fp32 states, fused: reads param, grad, exp_avg, exp_avg_sq; writes param and both moments.
@@ -115,8 +116,8 @@ class StepTraffic:
 
     def floors_ms(self, tflops: float, gbps: float) -> dict[str, float]:
         """Serial and fused floors (ms) at ``tflops`` TFLOP/s and ``gbps`` GB/s, and their parts."""
-        if tflops <= 0 or gbps <= 0:
-            raise ValueError(f"roofs must be positive, got {tflops} TFLOP/s and {gbps} GB/s")
+        if not (0 < tflops < math.inf and 0 < gbps < math.inf):
+            raise ValueError(f"roofs must be positive and finite, got {tflops} TFLOP/s and {gbps} GB/s")
         t = self.totals()
         f_s, b_s = tflops * 1e12, gbps * 1e9
         parts = {f"{kind}_ms": 1e3 * sum(o.floor_s(f_s, b_s) for o in self.ops if o.kind == kind)
@@ -125,6 +126,7 @@ class StepTraffic:
                 "fused_ms": max(t["all"]["flops"] / f_s, t["all"]["bytes"] / b_s) * 1e3}
 
     def to_dict(self, tflops: float | None = None, gbps: float | None = None) -> dict[str, Any]:
+        """JSON-ready: the fields, class totals, ops by bytes, and the floors when roofs are given."""
         doc: dict[str, Any] = {k: v for k, v in asdict(self).items() if k != "ops"}
         doc["totals"] = self.totals()
         doc["ops"] = [{k: v for k, v in asdict(o).items() if k != "per_call"}
@@ -141,6 +143,7 @@ def _stored_elements(t: torch.Tensor) -> int:
 
 
 def _nbytes(tensors: list[torch.Tensor]) -> int:
+    """Stored bytes of the distinct tensors (a tensor passed twice counts once)."""
     seen: set[int] = set()
     total = 0
     for t in tensors:
@@ -163,6 +166,7 @@ class _Ledger(TorchDispatchMode):
         self.ops: dict[str, OpCost] = {}
 
     def record(self, op: str, kind: OpClass, nbytes: float, flops: float) -> None:
+        """Add one call of ``op``."""
         cost = self.ops.setdefault(op, OpCost(op, kind))
         cost.calls += 1
         cost.bytes += nbytes
@@ -181,8 +185,9 @@ class _Ledger(TorchDispatchMode):
         outs = [a for a in tree_leaves(out) if isinstance(a, torch.Tensor)]
         nbytes = _nbytes(ins) + _nbytes(outs)  # an in-place op's tensor: read and written
         op = f"{func.namespace}.{name}"
-        if op in _ATTENTION_OPS:
-            q, k = (ins[2], ins[3]) if op.endswith("_bwd") else (ins[0], ins[1])
+        if op in _ATTENTION_OPS:  # schema positions: (q, k, ...) and (grad_out, grad_lse, q, k, ...)
+            first = 2 if op.endswith("_bwd") else 0
+            q, k = args[first], args[first + 1]
             self.record(op, "attention", nbytes, _ATTENTION_OPS[op] * _attention_flops(q, k))
         elif packet in flop_registry:
             self.record(op, "matmul", nbytes, float(flop_registry[packet](*args, **kwargs, out_val=out)))
@@ -195,7 +200,7 @@ class _FusedStandIn(torch.autograd.Function):
     """Shapes of a fused torch kernel (SDPA, RMSNorm) whose traffic is recorded as one op."""
 
     @staticmethod
-    def forward(ctx: Any, ledger: _Ledger, name: str, kind: str, flops: float, out_shape: tuple[int, ...],
+    def forward(ctx: Any, ledger: _Ledger, name: str, kind: OpClass, flops: float, out_shape: tuple[int, ...],
                 bwd_outputs: int, *inputs: torch.Tensor) -> torch.Tensor:
         out = inputs[0].new_empty(out_shape)
         extra = 4 * math.prod(out_shape[:-1]) if kind == "attention" else 0  # the saved log-sum-exp
@@ -226,15 +231,15 @@ class _FusedTorchKernels(TorchFunctionMode):
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            q, k, v = args[:3]
-            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            names = ("query", "key", "value", "attn_mask")
+            q, k, v, mask = (args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names))
             extra = [mask] if isinstance(mask, torch.Tensor) else []
             shape = (*q.shape[:-1], v.shape[-1])
             return _FusedStandIn.apply(self.ledger, "aten.scaled_dot_product_attention", "attention",
                                        _attention_flops(q, k), shape, 3, q, k, v, *extra)
         if func is F.rms_norm:
-            x = args[0]
-            weight = kwargs.get("weight", args[2] if len(args) > 2 else None)
+            x = args[0] if args else kwargs["input"]
+            weight = args[2] if len(args) > 2 else kwargs.get("weight")
             extra = [weight] if isinstance(weight, torch.Tensor) else []
             return _FusedStandIn.apply(self.ledger, "aten.rms_norm", "memory", 0.0, tuple(x.shape),
                                        1 + len(extra), x, *extra)
@@ -261,14 +266,21 @@ def step_traffic(preset: Any, backend: str = "triton", mode: Mode = "train", bat
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    for what, v in (("height", height), ("width", width), ("text_len", text_len)):
+        if v is not None and v < 1:
+            raise ValueError(f"{what} must be >= 1 (or None for the preset's), got {v}")
     cfg = get_config(preset) if isinstance(preset, str) else preset
+    if text_len is not None and cfg.conditioning != "text":
+        raise ValueError(f"text_len is for text presets; {cfg.name} is conditioned on {cfg.conditioning}")
     model_batch = 2 * batch if mode == "cfg-step" else batch
     with torch.device("meta"):
         model = DiT(cfg, backend=backend)
     model = model.to(dtype).requires_grad_(mode == "train")
-    inputs = [t.to("meta", dtype) if t.is_floating_point() and t.dim() > 1 else t.to("meta")
-              for t in model.example_inputs(model_batch, device="cpu", height=height, width=width,
-                                            text_len=text_len)]
+    # one real sample for the shapes and dtypes (validation happens here), then meta tensors
+    # at the full batch: nothing of batch size is allocated
+    one = model.example_inputs(1, device="cpu", height=height, width=width, text_len=text_len)
+    inputs = [torch.empty((model_batch, *t.shape[1:]), device="meta",
+                          dtype=dtype if t.is_floating_point() and t.dim() > 1 else t.dtype) for t in one]
     with torch.set_grad_enabled(mode == "train"), record_traffic() as ledger:
         out = model(*inputs)
         if mode == "train":

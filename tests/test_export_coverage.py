@@ -372,3 +372,21 @@ def test_double_nodes_get_a_model_level_note() -> None:
     assert any("1 node(s) compute in DOUBLE" in n and "FP32" in n for n in notes), notes
     m = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x")], [_vi("y")])
     assert not any("DOUBLE" in i["message"] for i in cov.analyze(m)["issues"])
+
+
+def test_a_body_input_shadows_an_outer_initializer_of_the_same_name() -> None:
+    """A Loop body's own input (a carried value) is computed, even when the outer graph has an
+    initializer of that name: ReduceSum's axes from it is not a constant."""
+    body = helper.make_graph(
+        [helper.make_node("ReduceSum", ["v", "ax"], ["s"]), helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Identity", ["ax"], ["ax_out"]), helper.make_node("Identity", ["v"], ["v_out"])],
+        "body", [_vi("i", T.INT64, ()), _vi("cond_in", T.BOOL, ()), _vi("ax", T.INT64, (1,)), _vi("v")],
+        [_vi("cond_out", T.BOOL, ()), _vi("ax_out", T.INT64, (1,)), _vi("v_out"), _vi("s", shape=None)])
+    loop = helper.make_node("Loop", ["n", "c", "ax0", "x"], ["ax_final", "x_final", "scan_s"], body=body)
+    outer_ax = numpy_helper.from_array(np.array([0], np.int64), "ax")  # unrelated outer tensor, same name
+    n = numpy_helper.from_array(np.array(2, np.int64), "n")
+    c = numpy_helper.from_array(np.array(True), "c")
+    ax0 = numpy_helper.from_array(np.array([1], np.int64), "ax0")
+    m = _model([loop], [_vi("x")], [_vi("x_final", shape=None)], [outer_ax, n, c, ax0])
+    row = _row(cov.analyze(m), "Loop")
+    assert row["supported"] == "N" and "axes" in row["reasons"][0], row

@@ -97,6 +97,10 @@ def test_bad_arguments_are_clear_errors() -> None:
         step_traffic("tiny", "torch", "train", 0)
     with pytest.raises(ValueError, match="unknown model preset"):
         step_traffic("dit-q-9", "torch", "train", 1)
+    with pytest.raises(ValueError, match="height must be >= 1"):
+        step_traffic("tiny", "torch", "train", 1, height=0)
+    with pytest.raises(ValueError, match="roofs must be positive and finite"):
+        step_traffic("tiny", "torch", "forward", 1).floors_ms(701, float("inf"))
     with pytest.raises(ValueError, match="roofs must be positive"):
         step_traffic("tiny", "torch", "forward", 1).floors_ms(0, 3000)
 
@@ -112,8 +116,12 @@ def test_cli_writes_json_and_rejects_bad_input(tmp_path, capsys) -> None:
     assert "serial floor ms" in capsys.readouterr().out
     assert main(["profile", "traffic", "nope"]) == 2
     assert "unknown model preset" in capsys.readouterr().err
-    assert main(["profile", "traffic", "tiny", "--batch", "0"]) == 2
-    assert main(["profile", "traffic", "tiny", "--gbps", "-1"]) == 2
+    for bad in (["--batch", "0"], ["--gbps", "-1"], ["--tflops", "nan"], ["--height", "0"], ["--text-len", "x"]):
+        with pytest.raises(SystemExit):
+            main(["profile", "traffic", "tiny", *bad])
+    assert "expected a whole number >= 1" in capsys.readouterr().err
+    assert main(["profile", "traffic", "dit-s-2", "--text-len", "5"]) == 2
+    assert "text_len is for text presets" in capsys.readouterr().err
     assert main(["profile", "traffic", "tiny", "--json", str(tmp_path / "no" / "t.json")]) == 2
 
 
@@ -187,3 +195,39 @@ def test_train_step_counts_adamw_and_the_attention_backward() -> None:
     ops = {o.op: o for o in s.ops}
     assert ops["ditperf.attention_bwd"].calls == ops["ditperf.attention"].calls > 0
     assert ops["ditperf.attention_bwd"].flops == pytest.approx(2.5 * ops["ditperf.attention"].flops)
+
+
+def test_attention_ops_read_q_and_k_by_schema_position_and_sdpa_by_keyword() -> None:
+    """The FLOPs of ``ditperf::attention_bwd`` come from its q and k (schema positions 2 and
+    3) whether or not the optional grad_lse is given; SDPA called with keywords is recorded
+    like a positional call."""
+    import ditperf.kernels  # noqa: F401 - registers the ditperf ops
+
+    b, h, n, m, d = 1, 2, 64, 16, 32
+    q, k, v = _meta(b, h, n, d), _meta(b, h, m, d), _meta(b, h, m, d)
+    out, lse = _meta(b, h, n, d), _meta(b, h, n, dtype=torch.float32)
+    for grad_lse in (None, _meta(b, h, n, dtype=torch.float32)):
+        with record_traffic() as led:
+            torch.ops.ditperf.attention_bwd(_meta(b, h, n, d), grad_lse, q, k, v, out, lse, None, d**-0.5)
+        assert led.ops["ditperf.attention_bwd"].flops == 2.5 * 4 * b * h * n * m * d
+    with record_traffic() as led:
+        F.scaled_dot_product_attention(query=q, key=k, value=v)
+    assert led.ops["aten.scaled_dot_product_attention (fused)"].flops == 4 * b * h * n * m * d
+
+
+def test_inputs_are_never_allocated_at_the_full_batch(monkeypatch) -> None:
+    """Shapes only: the example inputs are made for one sample and the batch exists only on
+    the meta device (a t2i-1b ledger at batch 256 must not allocate gigabytes on the CPU)."""
+    from ditperf.model import DiT
+
+    sizes: list[int] = []
+    real = DiT.example_inputs
+
+    def spy(self, batch, *args, **kwargs):
+        sizes.append(batch)
+        return real(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(DiT, "example_inputs", spy)
+    s = step_traffic("t2i-1b", "triton", "cfg-step", 128)
+    assert sizes == [1] and s.model_batch == 256
+    assert s.totals()["matmul"]["flops"] > 128 * 2 * 5e12  # the ledger still counts the full batch
