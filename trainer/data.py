@@ -665,13 +665,15 @@ def _make_dataset_class() -> type:
             try:
                 yield from super().__iter__()
             except RuntimeError as exc:  # "Background thread failed": say what failed
-                failure = getattr(self, "_ditperf_failure", None)
-                if failure is None:
-                    raise
-                raise DataError(failure) from exc
+                self._raise_failure(exc)
+                raise
+            self._raise_failure(None)
+
+        def _raise_failure(self, cause: BaseException | None) -> None:
+            """Raise the recorded shard failure (see prepare_shard) as a DataError, if any."""
             failure = getattr(self, "_ditperf_failure", None)
             if failure is not None:
-                raise DataError(failure)
+                raise DataError(failure) from cause
 
         def get_item(self, sample_id: int, retry: int = 7) -> Any:
             sample = self._fast(sample_id)
@@ -679,10 +681,8 @@ def _make_dataset_class() -> type:
                 try:
                     full = super().get_item(sample_id, retry)
                 except RuntimeError as exc:  # "Background thread failed": say what failed
-                    failure = getattr(self, "_ditperf_failure", None)
-                    if failure is None:
-                        raise
-                    raise DataError(failure) from exc
+                    self._raise_failure(exc)
+                    raise
                 sample = {k: v for k, v in full.items() if k in self._ditperf_columns}
             sample["sample_id"] = sample_id
             if self._ditperf_edit is not None:
