@@ -34,6 +34,8 @@ Sampling uses SD3's time shift 3.0 at this resolution.
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -65,9 +67,18 @@ class DiTConfig:
         def bad(msg: str) -> None:
             raise ValueError(f"DiTConfig {self.name!r}: {msg}")
 
-        for field in ("hidden_size", "depth", "num_heads", "patch_size", "latent_channels"):
-            if int(getattr(self, field)) < 1:
-                bad(f"{field} must be >= 1, got {getattr(self, field)}")
+        for field in ("hidden_size", "depth", "num_heads", "patch_size", "latent_channels", "num_classes",
+                      "text_dim", "text_len"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                bad(f"{field} must be a whole number, got {value!r}")
+            if field not in ("num_classes", "text_dim", "text_len") and value < 1:
+                bad(f"{field} must be >= 1, got {value}")
+        if isinstance(self.latent_size, list):  # e.g. from YAML / JSON
+            object.__setattr__(self, "latent_size", tuple(self.latent_size))
+        if not (isinstance(self.latent_size, tuple) and all(isinstance(s, int) and not isinstance(s, bool)
+                                                            for s in self.latent_size)):
+            bad(f"latent_size must be (H, W) whole numbers, got {self.latent_size!r}")
         if self.hidden_size % self.num_heads:
             bad(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.hidden_size % 4:
@@ -80,12 +91,14 @@ class DiTConfig:
             bad(f"num_classes must be >= 1, got {self.num_classes}")
         if self.conditioning == "text" and (self.text_dim < 1 or self.text_len < 1):
             bad(f"text_dim and text_len must be >= 1, got {self.text_dim}, {self.text_len}")
+        for field in ("eps", "sample_shift", "mlp_ratio"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                bad(f"{field} must be a finite number, got {value!r}")
+            if field != "mlp_ratio" and value <= 0:  # mlp_ratio: the MLP-width check below says more
+                bad(f"{field} must be > 0, got {value!r}")
         if self.mlp_hidden < 1:
             bad(f"mlp_ratio {self.mlp_ratio} gives an MLP width of {self.mlp_hidden}; expected >= 1")
-        if not self.eps > 0:
-            bad(f"eps must be > 0, got {self.eps}")
-        if self.sample_shift <= 0:
-            bad(f"sample_shift must be > 0, got {self.sample_shift}")
 
     @property
     def head_dim(self) -> int:
@@ -155,7 +168,16 @@ def get_config(name: str | DiTConfig, **overrides: Any) -> DiTConfig:
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown DiTConfig field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(fields))}")
-    if "latent_size" in overrides:
+    if "latent_size" in overrides:  # an int (square) or (H, W) of whole numbers (anything with __index__)
         size = overrides["latent_size"]
-        overrides["latent_size"] = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+        try:
+            if isinstance(size, (str, bytes, bool, float)):
+                raise TypeError
+            items = list(size) if hasattr(size, "__len__") else [size, size]
+            if any(isinstance(s, (bool, float)) for s in items):
+                raise TypeError
+            pair = tuple(operator.index(s) for s in items)
+        except TypeError:
+            raise ValueError(f"latent_size must be an int or (H, W) whole numbers, got {size!r}") from None
+        overrides["latent_size"] = pair
     return dataclasses.replace(base, **overrides) if overrides else base

@@ -247,6 +247,16 @@ def test_joint_attention_mask_order_and_use(device):
         joint_attention_mask([-1], 3, 2)
     with pytest.raises(ValueError, match="integer"):
         joint_attention_mask(torch.tensor([1.0]), 3, 2)
+    for bad in (torch.tensor([[1, 2]]), torch.tensor([True, False])):  # 2-D, bool
+        with pytest.raises(ValueError, match=r"text_lengths must be a 1-D integer tensor \(B,\)"):
+            joint_attention_mask(bad, 3, 2)
+    with pytest.raises(ValueError, match=r"ints in \[0, text_len=3\], got \[1.5\]"):
+        joint_attention_mask([1.5], 3, 2)
+    for sizes in ((3, -1), (-1, 2), (3.0, 2)):
+        with pytest.raises(ValueError, match="text_len and image_len must be ints >= 0"):
+            joint_attention_mask([1], *sizes)
+    assert joint_attention_mask([1, 0], 2, 0).tolist() == [[True, False], [False, False]]
+    assert joint_attention_mask([1], 2, 3, device="meta").device.type == "meta"
     # joint attention over [text, image]: one kernel call with the mask
     b, h, lt, li, d = 2, 1, 7, 20, 32
     mask = joint_attention_mask(torch.tensor([3, 7]), lt, li).to(device)
@@ -346,6 +356,33 @@ BAD = [
     pytest.param(_qkv, {"scale": torch.tensor(0.5)}, TypeError, "scale", id="scale-tensor"),
     pytest.param(lambda: ([[1.0]], _t(1, 2, 8, 32), _t(1, 2, 8, 32)), {}, TypeError,
                  "torch.Tensor", id="not-a-tensor"),
+    # v is checked against q like k (k matching q is not enough)
+    pytest.param(lambda: _qkv(v=(1, 3, 8, 32)), {}, ValueError,
+                 r"v has shape \(1, 3, 8, 32\); batch and heads", id="v-heads"),
+    pytest.param(lambda: _qkv(v=(2, 2, 8, 32)), {}, ValueError, "v has shape.*batch and heads",
+                 id="v-batch"),
+    pytest.param(lambda: _qkv(v=(1, 2, 8, 40)), {}, ValueError, "v has head dim 40; expected q's head dim D=32",
+                 id="v-d-mismatch"),
+    pytest.param(lambda: _qkv((1, 2, 8, 0)), {}, ValueError, "head dim D=0 is not supported", id="d0"),
+    # the hint pads up to the next multiple of 8 (never down) and keeps the original scale
+    pytest.param(lambda: _qkv((1, 2, 8, 20)), {}, ValueError,
+                 r"pad q, k, v with zeros to D=24 \(torch.nn.functional.pad\(x, \(0, 4\)\)\), pass "
+                 r"scale=20\*\*-0.5 explicitly and slice out\[..., :20\]", id="d20-pad-hint"),
+    pytest.param(lambda: _qkv((1, 2, 8, 129)), {}, ValueError, "split the heads", id="d129-split-hint"),
+    pytest.param(_qkv, {"key_mask": torch.ones(1, 8, dtype=torch.uint8)}, ValueError,
+                 "key_mask has dtype torch.uint8; expected torch.bool", id="mask-uint8"),
+    pytest.param(_qkv, {"key_mask": torch.ones(1, 8, dtype=torch.int64)}, ValueError,
+                 "key_mask has dtype torch.int64", id="mask-int64"),
+    pytest.param(_qkv, {"key_mask": torch.ones(2, 8, dtype=torch.bool)}, ValueError,
+                 r"key_mask has shape \(2, 8\); expected \(1, 8\)", id="mask-batch"),
+    pytest.param(_qkv, {"key_mask": torch.ones(1, 8, dtype=torch.bool, device="meta")}, ValueError,
+                 "one device, got q on cpu, k on cpu, v on cpu, key_mask on meta", id="mask-device"),
+    # meta tensors: refused before any launch (a launch of 70000 heads would take hours here)
+    pytest.param(lambda: (torch.empty(1, 70000, 2, 8, device="meta"),) * 3, {}, ValueError,
+                 "heads 70000.*<= 65535", id="heads-over-grid-limit"),
+    pytest.param(_qkv, {"scale": 0.0}, ValueError, "positive finite float, got 0.0", id="scale-zero"),
+    pytest.param(_qkv, {"scale": math.inf}, ValueError, "positive finite float, got inf", id="scale-inf"),
+    pytest.param(_qkv, {"scale": True}, TypeError, "scale must be a float.*got bool", id="scale-bool"),
 ]
 
 
@@ -502,6 +539,13 @@ class TestGPU:
         idx = (slice(b - 1, b), slice(h - 1, h), slice(n - 300, n))
         want = _sdpa(q[idx].float(), k[b - 1:b, h - 1:h].float(), k[b - 1:b, h - 1:h].float())
         assert math.isclose(0.0, (out[idx].float() - want).abs().max().item(), abs_tol=2e-2)
+
+    def test_joint_attention_mask_device(self, device):
+        """``device=`` moves a CPU tensor of lengths (and a list) to the mask's device."""
+        for lengths in (torch.tensor([2, 0]), [2, 0]):
+            m = joint_attention_mask(lengths, 3, 2, device=device)
+            assert m.device.type == "cuda"
+            assert m.tolist() == [[True, True, False, True, True], [False, False, False, True, True]]
 
 
 @pytest.mark.parametrize("use_lse", [False, True], ids=["out", "out+lse"])

@@ -17,6 +17,7 @@ from ditperf.model import (
     get_config,
     logit_normal_timesteps,
     make_edit_batch,
+    make_edit_mask,
     make_step,
     patchify,
     sample,
@@ -83,6 +84,39 @@ def test_get_config_overrides_and_errors() -> None:
         get_config("tiny", num_heads=3)
     with pytest.raises(ValueError, match="unknown model preset"):
         DiT("dit-xxl-2")
+
+
+CONFIG_ERRORS = [
+    ({"depth": 0}, "depth must be >= 1, got 0"),
+    ({"latent_channels": 0}, "latent_channels must be >= 1"),
+    ({"hidden_size": 66}, "hidden_size 66 must be a multiple of 4"),
+    ({"latent_size": 7}, r"latent_size \(7, 7\) must be \(H, W\), both multiples of patch_size 2"),
+    ({"latent_size": (8, 8, 8)}, r"latent_size \(8, 8, 8\) must be \(H, W\)"),
+    ({"eps": 0.0}, "eps must be > 0, got 0.0"),
+    ({"conditioning": "Text"}, "conditioning must be 'class' or 'text', got 'Text'"),
+    ({"conditioning": "class", "num_classes": 0}, "num_classes must be >= 1, got 0"),
+    ({"text_len": 0}, "text_dim and text_len must be >= 1"),
+    ({"sample_shift": 0.0}, "sample_shift must be > 0, got 0.0"),
+]
+
+
+@pytest.mark.parametrize("overrides,match", CONFIG_ERRORS,
+                         ids=[",".join(f"{k}={v}" for k, v in o.items()) for o, _ in CONFIG_ERRORS])
+def test_config_validation(overrides: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=f"DiTConfig 'tiny': {match}"):
+        get_config("tiny", **overrides)
+
+
+def test_get_config_from_a_config_and_latent_size_forms() -> None:
+    """A DiTConfig is the base for further overrides (not the preset of its name); latent_size
+    may be an int or any sequence of int-likes and is stored as a tuple of Python ints."""
+    cfg = get_config("tiny", depth=3)
+    assert get_config(cfg) is cfg
+    derived = get_config(cfg, edit=True)
+    assert derived.depth == 3 and derived.edit and derived.name == "tiny"
+    for size in ([16, 12], (torch.tensor(16), 12)):
+        got = get_config("tiny", latent_size=size).latent_size
+        assert got == (16, 12) and all(type(s) is int for s in got), got
 
 
 # ----------------------------------------------------------------------------- structure
@@ -508,6 +542,50 @@ def test_edit_masks_per_task() -> None:
         make_edit_batch(x, "erase", g)
 
 
+def test_edit_mask_geometry() -> None:
+    """Outpaint keeps an ellipse inside [0.1, 0.9] of each side (left/right borders too);
+    on a 2x2 latent every outpaint/expand mask still keeps a pixel and regenerates one; the
+    device argument places the mask."""
+    g = torch.Generator().manual_seed(0)
+    m = make_edit_mask(256, 20, 20, "outpaint", g)[:, 0]
+    keep = m < 0.5
+    cols = torch.arange(20).view(1, 1, 20)
+    assert (m[:, :, 0] == 1).all() and (m[:, :, -1] == 1).all()
+    assert (keep & ((cols < 2) | (cols >= 18))).sum() == 0
+    for task in ("outpaint", "expand"):
+        m = make_edit_mask(256, 2, 2, task, g).flatten(1)
+        assert ((m == 0).any(1) & (m == 1).any(1)).all(), task
+    assert make_edit_mask(2, 4, 4, "mixed", g, device="meta").device.type == "meta"
+
+
+def test_edit_boxes_and_strokes_exact() -> None:
+    """Inpaint's pieces on hand-made uniforms: box k spans [top, top + size) with top in
+    [0, 1 - size] (never past the border), u[:, 0, 4] sets 1-3 boxes, a box smaller than a
+    pixel still covers the pixel of its center; strokes are drawn only where u[:, 0, 12] < 0.5."""
+    from ditperf.model import edit as edit_mod
+
+    yy, xx = edit_mod._grid(10, 10, torch.device("cpu"))
+    u = torch.zeros(3, 3, 5)  # sizes 0.1 (one pixel of 10)
+    u[:, 1, 2:4] = 1.0  # box 1 at the bottom-right corner
+    u[:, 2, 3] = 1.0  # box 2 at the top-right corner
+    u[:, 0, 4] = torch.tensor([0.0, 0.5, 0.9])  # 1, 2, 3 boxes
+    boxes = edit_mod._boxes(u, yy, xx)
+    assert boxes.sum((1, 2)).tolist() == [1, 2, 3]
+    assert boxes[2, 0, 0] and boxes[2, 9, 9] and boxes[2, 0, 9]
+    u = torch.zeros(1, 3, 5)
+    u[0, 0, :4] = torch.tensor([0.5, 0.5, 1.0, 0.0])  # 3x3 pixels at the bottom-left corner
+    assert torch.nonzero(edit_mod._boxes(u, yy, xx)[0]).tolist() == [[r, c] for r in (7, 8, 9) for c in (0, 1, 2)]
+    yy2, xx2 = edit_mod._grid(2, 2, torch.device("cpu"))
+    u = torch.full((1, 3, 5), 0.5)
+    u[0, :, :2] = 0.0  # a 0.1 box between the 2x2 pixel centers: still covers one pixel
+    u[0, 0, 4] = 0.0
+    assert edit_mod._boxes(u, yy2, xx2).sum() == 1
+    u = torch.rand(2, 2, 13, generator=torch.Generator().manual_seed(0))
+    u[:, 0, 12] = torch.tensor([0.7, 0.2])
+    strokes = edit_mod._strokes(u, yy, xx)
+    assert not strokes[0].any() and strokes[1].any()
+
+
 def test_loss_builds_edit_masks_when_missing(seed: int) -> None:
     """Without edit_mask / edit_source the loss makes "mixed" edit masks from its generator,
     drawn after (t, eps, dropout): the same loss as passing the masks that
@@ -585,3 +663,57 @@ def test_bad_inputs_raise_clear_errors() -> None:
         sample(cls, labels=torch.rand(2), steps=1)
     with pytest.raises(ValueError, match="mlp_ratio 0 gives an MLP width of 0"):
         get_config("tiny", mlp_ratio=0)
+
+
+def test_forward_bad_shapes_raise_clear_errors() -> None:
+    """Shape errors of x, t, labels, text and drop are ValueErrors naming the expectation
+    (not a broadcast into a wrong shape, or an error deep inside the model)."""
+    model = DiT("tiny")
+    x, t, text, mask = model.example_inputs(2)
+    with pytest.raises(ValueError, match=r"x must be a \(B, C, H, W\) tensor, got \(4, 8, 8\)"):
+        model(x[0], t, text, mask)
+    with pytest.raises(ValueError, match=r"x must be a \(B, C, H, W\) tensor, got list"):
+        model([1.0], t, text, mask)
+    with pytest.raises(ValueError, match="latent size 7x8 is not divisible by the patch size 2"):
+        model(torch.randn(2, 4, 7, 8), t, text, mask)
+    with pytest.raises(ValueError, match=r"t must be a float tensor of shape \(2,\) or \(\), got \(2, 1\)"):
+        model(x, t[:, None], text, mask)
+    with pytest.raises(ValueError, match=r"text must be float \(2, L, 32\), got torch.float32 \(3, 8, 32\)"):
+        model(x, t, torch.randn(3, 8, 32), torch.ones(3, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"text must be float \(2, L, 32\), got torch.int64"):
+        model(x, t, text.long(), mask)
+    with pytest.raises(ValueError, match=r"drop must be a bool tensor of shape \(2,\)"):
+        model(x, t, text, mask, drop=torch.ones(3, dtype=torch.bool))
+    cls = DiT(get_config("tiny", **TINY_CLASS))
+    labels = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"labels must be int64 of shape \(2,\), got torch.int64 \(2, 1\)"):
+        cls(x, t, labels[:, None])
+    with pytest.raises(ValueError, match="class-conditional: cond_mask must not be given"):
+        cls(x, t, labels, mask)
+    assert cls(x, t, labels.int()).shape == x.shape  # int32 labels are accepted too
+
+
+def test_edit_model_input_checks_shapes() -> None:
+    x = torch.randn(2, 4, 8, 8)
+    src, m = torch.randn(2, 4, 8, 8), torch.ones(2, 1, 8, 8)
+    assert edit_model_input(x, src, m).shape == (2, 9, 8, 8)
+    for bad_src, bad_m in ((src[:, :3], m), (src, m[:, :, :4]), (src, m.expand(2, 4, 8, 8))):
+        with pytest.raises(ValueError, match=r"edit_source must have shape \(2, 4, 8, 8\) and edit_mask \(2, 1, 8, 8\)"):
+            edit_model_input(x, bad_src, bad_m)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"sample_shift": float("nan")}, "sample_shift must be a finite number"),
+    ({"eps": float("inf")}, "eps must be a finite number"),
+    ({"mlp_ratio": float("inf")}, "mlp_ratio must be a finite number"),
+    ({"depth": 2.5}, "depth must be a whole number"),
+    ({"num_heads": True}, "num_heads must be a whole number"),
+    ({"latent_size": 16.5}, "latent_size must be an int or"),
+    ({"latent_size": (16.7, 16)}, "latent_size must be an int or"),
+    ({"latent_size": "16"}, "latent_size must be an int or"),
+])
+def test_config_refuses_non_finite_and_non_integer_values(overrides: dict, message: str) -> None:
+    """nan / inf passed the '> 0' checks, a fractional depth failed later in range(), and
+    latent sizes were truncated (16.7 -> 16) or read digit by digit ("16" -> (1, 6))."""
+    with pytest.raises(ValueError, match=message):
+        get_config("tiny", **overrides)

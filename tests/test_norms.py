@@ -10,6 +10,7 @@ for every output and every gradient. Under the CPU interpreter bf16 rounds towar
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -540,6 +541,20 @@ def _bad_cases(dev: torch.device) -> list[tuple[str, Callable[[], object], type,
         ("C too large", lambda: layer_norm(torch.empty((1, norms_mod.MAX_C + 1), device=dev)), ValueError, "C <= 16384"),
         ("negative eps", lambda: layer_norm(x, eps=-1.0), ValueError, "eps"),
         ("eps type", lambda: layer_norm(x, eps="1e-6"), TypeError, "eps must be a float"),
+        ("eps bool", lambda: layer_norm(x, eps=True), TypeError, "eps must be a float, got bool"),
+        ("eps nan", lambda: rms_norm(x, eps=float("nan")), ValueError, "finite number >= 0, got nan"),
+        ("eps inf", lambda: layer_norm(x, eps=math.inf), ValueError, "finite number >= 0, got inf"),
+        # one device for every tensor (checked on the CPU too: meta stands in for a second device)
+        ("shift on another device", lambda: layer_norm(x, shift=v.to("meta")), ValueError,
+         "one device, got x on [a-z:0-9]+, shift on meta"),
+        ("scale on another device", lambda: layer_norm(x, w, scale=v.to("meta")), ValueError,
+         r"one device, got x on (\S+), weight on \1, scale on meta"),
+        ("rms shift on another device", lambda: rms_norm(x, shift=v.to("meta")), ValueError,
+         "shift on meta"),
+        ("gate on another device", lambda: gated_residual_layer_norm(x, x, v.to("meta")), ValueError,
+         "gate on meta"),
+        ("y on another device", lambda: gated_residual_layer_norm(x, x.to("meta"), v), ValueError,
+         "y on meta"),
     ]
 
 
@@ -558,6 +573,79 @@ def test_cpu_tensor_without_interpreter(monkeypatch):
     monkeypatch.setattr(_common, "INTERPRET", False)
     with pytest.raises(ValueError, match="x is a CPU tensor"):
         layer_norm(torch.randn(2, 3, 8))
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # interpreter: padding rows, eps = 0
+def test_eps_zero_and_int_accepted(device):
+    """eps is a number >= 0: eps = 0 (rows with nonzero variance) and an int eps are valid."""
+    x, sh = rand((2, 3, 40), F32, device), rand((2, 40), F32, device)
+    torch.testing.assert_close(layer_norm(x, shift=sh, eps=0), layer_norm_ref(x, shift=sh, eps=0.0))
+    torch.testing.assert_close(rms_norm(x, eps=0.0), rms_norm_ref(x, eps=0.0))
+    torch.testing.assert_close(layer_norm(x, eps=1), layer_norm_ref(x, eps=1.0))
+
+
+def test_limits_of_C_and_row_count():
+    """C = MAX_C is valid (MAX_C + 1 is refused: test_bad_input); more rows than the kernels'
+    int32 row index (an expanded view: no memory) is a ValueError, not wrapped indices."""
+    norms_mod._check_args("layer_norm", torch.empty(1, norms_mod.MAX_C))
+    norms_mod._check_args("layer_norm", torch.empty(2, 3, norms_mod.MAX_C),
+                          per_sample=(("shift", torch.empty(2, norms_mod.MAX_C)),))
+    limit = norms_mod._MAX_ROWS
+    assert norms_mod._row_groups(torch.empty(1, 8).expand(limit, 8), False) == (1, limit)
+    assert norms_mod._row_groups(torch.empty(3, 5, 8), True) == (3, 5)
+    with pytest.raises(ValueError, match=f"x has {limit + 1} rows.*int32.*at most {limit}"):
+        norms_mod._row_groups(torch.empty(1, 1, 8).expand(2, (limit + 1) // 2, 8), False)
+
+
+def test_align_hint_and_device_guard():
+    """ALIGN: the largest power of two (<= cap) dividing every nonzero value; the norms' ALIGN
+    divides C as well as the row strides (C = 36 rows sliced from a width-64 tensor: 4, not 16).
+    device_guard makes a CUDA tensor's device current (built here without entering it)."""
+    align_hint = _common.align_hint
+    assert align_hint(72, cap=16) == 8 and align_hint(72, 144, 36, cap=16) == 4
+    assert align_hint(6, cap=16) == 2 and align_hint(1024, 4096, cap=8) == 8
+    assert align_hint(0, 48, 0, cap=16) == 16 and align_hint(0, 0, cap=8) == 8 and align_hint(cap=4) == 4
+    assert norms_mod._align_of(36, [(5 * 64, 64, 0)]) == 4
+    assert norms_mod._align_of(72, [(3 * 216, 216, 72)]) == 8
+    guard = _common.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(_common.device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+def test_gated_y_with_another_layout(device):
+    """y with its own row strides (a slice of a longer sequence: the (B, N) rows of y do not
+    merge while x's do) and a 5-D permuted x, y (> 3 row levels: the contiguous-copy fallback,
+    which must also return x_new)."""
+    B, N, C = 2, 5, 40
+    leaves = [rand((B, N, C), F32, device), rand((B, 2 * N, C), F32, device),
+              rand((B, C), F32, device), rand((B, C), F32, device), rand((B, C), F32, device)]
+
+    def call(fn):
+        return lambda x, yb, g, sh, sc: fn(x, yb[:, :N], g, shift=sh, scale=sc)
+
+    check_against_refs(call(gated_residual_layer_norm), call(gated_residual_layer_norm_ref), leaves,
+                       ["x", "y_base", "gate", "shift", "scale"])
+    perm = lambda t: t.permute(1, 0, 3, 2, 4)
+    leaves = [rand((2, 3, 2, 3, 24), F32, device), rand((2, 3, 2, 3, 24), F32, device)]
+    assert norms_mod._row_layout([perm(leaves[0])]) is None
+    check_against_refs(lambda x, y: gated_residual_layer_norm(perm(x), perm(y), None),
+                       lambda x, y: gated_residual_layer_norm_ref(perm(x), perm(y), None), leaves, ["x", "y"])
+
+
+def test_broadcast_modulation_vectors(device):
+    """shift/scale/gate broadcast over the batch ((1, C) expanded to (B, C): row stride 0) are
+    read in place, and their gradients sum over the batch."""
+    B, N, C = 3, 4, 40
+
+    def expand(fn):
+        return lambda *a: fn(*a[:-3], *(t if t is None else t.expand(B, C) for t in a[-3:]))
+
+    leaves = _ln_leaves(C, B, N, F32, "weight,shift,scale", device)
+    leaves[3:] = [rand((1, C), F32, device), rand((1, C), F32, device)]
+    check_against_refs(expand(_ln(layer_norm)), expand(_ln(layer_norm_ref)), leaves, LN_NAMES)
+    leaves = _gated_leaves(C, B, N, F32, "", device)[:2] + [rand((1, C), F32, device) for _ in range(3)]
+    check_against_refs(expand(_gated(gated_residual_layer_norm)), expand(_gated(gated_residual_layer_norm_ref)),
+                       leaves, GATED_NAMES)
 
 
 # ----------------------------------------------------------------------------------------
