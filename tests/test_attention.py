@@ -589,3 +589,11 @@ def test_alignment_hint_path(device, monkeypatch):
     for a, b in zip(got, ref):
         assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item() + 1e-6
     _check((1, 2, 33, 21, 72), torch.float32, device, mask_p=0.3)
+
+
+def test_missing_tensor_is_a_clear_type_error():
+    """``attention(q, None, v)`` named the missing argument only through an AttributeError."""
+    q = torch.randn(1, 1, 4, 32)
+    for args, name in (((q, None, q), "k"), ((None, q, q), "q"), ((q, q, [1.0]), "v")):
+        with pytest.raises(TypeError, match=f"{name} must be a tensor"):
+            attention(*args)
