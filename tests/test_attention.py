@@ -595,5 +595,5 @@ def test_missing_tensor_is_a_clear_type_error():
     """``attention(q, None, v)`` named the missing argument only through an AttributeError."""
     q = torch.randn(1, 1, 4, 32)
     for args, name in (((q, None, q), "k"), ((None, q, q), "q"), ((q, q, [1.0]), "v")):
-        with pytest.raises(TypeError, match=f"{name} must be a tensor"):
+        with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor"):
             attention(*args)
