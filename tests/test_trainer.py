@@ -141,6 +141,11 @@ def test_fsdp_version_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(C.ConfigError, match=r"fsdp_version must be auto, 1 or 2"):
         resolve_parallelism(C.load_config("t2i-1b", ["fsdp_version=3"]), "gpu")
     assert resolve_parallelism(C.load_config("t2i-1b", ["parallelism_config=null"]), "cpu") is None
+    for version in ("1", "2"):  # Composer ignores (v1) or only warns about (v2) unknown options
+        with pytest.raises(C.ConfigError, match=r"fsdp: unknown option\(s\) sharding_stategy; valid: .*sharding_strategy"):
+            resolve_parallelism(C.load_config("t2i-1b", [f"fsdp_version={version}",
+                                                         "parallelism_config={fsdp: {sharding_stategy: NO_SHARD}}"]),
+                                "gpu")
 
 
 def test_config_errors_list_valid_keys(tmp_path: Path) -> None:
@@ -202,9 +207,17 @@ def test_cli_train_errors_are_one_line(tiny_data: Path, tmp_path: Path, capsys: 
     ("data.edit_task=erase", "data.edit_task must be one of inpaint, outpaint, expand, mixed"),
     ("global_train_batch_size=4.5", "global_train_batch_size must be a whole number"),
     ("deterministic=maybe", "deterministic must be true or false"),
+    ("optimizer.lr=yes", "optimizer.lr must be a finite number >= 0"),  # YAML's yes is True: lr 1.0
+    ("seed=true", "seed must be a whole number"),
+    ("grad_clip_norm=true", "grad_clip_norm must be a number >= 0 or null"),
     ("loss.cond_dropout=1.5", "loss.cond_dropout must be a probability in [0, 1]"),
     ("loss.t_std=-0.5", "loss.t_std must be a finite number >= 0"),
     ("loss.t_mean=.nan", "loss.t_mean must be a finite number"),
+    ("optimizer.betas=[0.9, 1.0]", "optimizer.betas must be two numbers in [0, 1)"),
+    ("optimizer.eps=0", "optimizer.eps must be > 0"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay must be >= 0"),
+    ("grad_clip_norm=-1", "grad_clip_norm must be a number >= 0 or null"),
+    ("stop_at=later", "stop_at='later' is not a Composer time string"),
 ])
 def test_bad_override_values_are_one_line_errors(tiny_data: Path, tmp_path: Path, override: str, message: str,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
@@ -257,6 +270,238 @@ def test_checkpoint_folder_and_load_path_mistakes_lose_nothing(tiny_data: Path, 
     assert (tmp_path / "tiny-cpu" / "ck" / "train_summary.json").is_file() and not (tmp_path / "{run_name}").exists()
     assert main(named) == 2
     assert f"save_folder {tmp_path / 'tiny-cpu' / 'ck'} already has checkpoints" in capsys.readouterr().err
+
+
+def test_override_parsing_and_yaml_sections(tmp_path: Path) -> None:
+    """Override values keep every '=' after the first, a bare ``key=`` is null, an empty key
+    part is an error; ``model.*`` float fields in exponent notation become numbers (YAML 1.1
+    leaves ``2e0`` a string); an empty YAML section keeps the defaults; an explicit run_name
+    in a file is kept (only a missing one becomes the file's stem)."""
+    cfg = C.load_config("tiny-cpu", ["run_name=a=b", "data.remote=s3://bucket/x?v=1", "load_path=",
+                                     "model.mlp_ratio=2e0", "model.eps=1e-6"])
+    assert cfg["run_name"] == "a=b" and cfg["data"]["remote"] == "s3://bucket/x?v=1" and cfg["load_path"] is None
+    assert cfg["model"]["mlp_ratio"] == 2.0 and isinstance(cfg["model"]["mlp_ratio"], float)
+    assert cfg["model"]["eps"] == 1e-6 and isinstance(cfg["model"]["eps"], float)
+    from ditperf.trainer.train import model_config
+
+    assert model_config(cfg).mlp_ratio == 2.0
+    for bad in ("optimizer..lr=1", ".lr=1", "optimizer.=1", "=1"):
+        with pytest.raises(C.ConfigError, match=f"override '{bad}': empty key"):
+            C.load_config(None, [bad])
+    doc = tmp_path / "sections.yaml"
+    doc.write_text("run_name: mine\nema:\n  # all defaults\ncallbacks:\n")
+    cfg = C.load_config(str(doc))
+    assert cfg["run_name"] == "mine" and cfg["ema"] == C.DEFAULTS["ema"] and cfg["callbacks"] == C.DEFAULTS["callbacks"]
+    unnamed = tmp_path / "unnamed.yaml"
+    unnamed.write_text("seed: 3\n")
+    assert C.load_config(str(unnamed))["run_name"] == "unnamed"
+    assert C.load_config(str(unnamed), ["run_name=given"])["run_name"] == "given"
+
+
+def test_save_folder_that_is_a_file_is_refused(tiny_data: Path, tmp_path: Path) -> None:
+    """A save_folder path that is an existing file is a ConfigError before anything runs."""
+    (tmp_path / "ck").write_text("not a folder")
+    cfg = C.load_config("tiny-cpu", [f"data.local={tiny_data}", f"save_folder={tmp_path / 'ck'}"])
+    with pytest.raises(C.ConfigError, match=f"save_folder {tmp_path / 'ck'} exists and is not a folder"):
+        C.validate_values(cfg)
+    assert (tmp_path / "ck").read_text() == "not a folder"
+
+
+def test_cli_train_list_configs_print_config_and_no_config(capsys: pytest.CaptureFixture[str]) -> None:
+    """`ditperf train --list-configs` lists the packaged configs; `--print-config` prints the
+    merged config as YAML (overrides applied, no internal ``_`` keys) and trains nothing; no
+    CONFIG is a one-line error naming the packaged ones."""
+    import yaml
+    from ditperf.cli.main import main
+
+    assert main(["train", "--list-configs"]) == 0
+    assert capsys.readouterr().out.split() == C.packaged_configs()
+    assert main(["train", "--print-config", "tiny-cpu", "max_duration=3ba", "optimizer.lr=2e-4"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = C.load_config("tiny-cpu", ["max_duration=3ba", "optimizer.lr=2e-4"])
+    assert printed == {k: v for k, v in expected.items() if k != "_source"}
+    assert printed["max_duration"] == "3ba" and printed["optimizer"]["lr"] == 2e-4
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert "give a CONFIG (a YAML path or one of: " in err and "tiny-cpu" in err and "Traceback" not in err
+
+
+def test_module_entry_point_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m ditperf.trainer`` (what each rank of ``composer -n N`` runs): a bad key and
+    a config the trainer refuses are one line on stderr with exit status 2, no traceback."""
+    from ditperf.trainer.cli import main
+
+    assert main(["tiny-cpu", "bogus=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ditperf.trainer: error: unknown config key 'bogus'") and "Traceback" not in err
+    assert main(["tiny-cpu", *CPU]) == 2  # data.local not set: raised inside the trainer
+    err = capsys.readouterr().err
+    assert err.startswith("ditperf.trainer: error: data.local is not set") and len(err.strip().splitlines()) == 1
+
+
+def test_worker_error_message_keeps_the_error_line() -> None:
+    """An error raised in a DataLoader worker comes back with the worker's traceback in its
+    message; the CLI shows only the error's own text (and says where it came from)."""
+    from ditperf.trainer.cli import _worker_message
+    from torch._utils import ExceptionWrapper
+
+    text = "bucket 8x12: corrupt shard /data/8x12/shard.00000.mds.zstd (xxh64 mismatch)"
+    try:
+        raise D.DataError(text)
+    except D.DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")  # what torch's DataLoader sends back
+    with pytest.raises(D.DataError) as exc:
+        wrapped.reraise()
+    assert "Original Traceback" in str(exc.value)
+    assert _worker_message(str(exc.value)) == f"(data loader worker) {text}"
+    assert _worker_message(text) == text  # raised in the main process: unchanged
+
+
+def test_resume_plan_folder_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``_resume_plan`` on a folder of (empty) checkpoint files: newest by (epoch, batch) as
+    numbers (ba10 after ba9), rank-0 files only; refused without autoresume/load_path unless
+    save_overwrite; autoresume without the ``latest`` link resumes the newest, but never
+    replaces a load_path given explicitly; load_weights_only is passed on."""
+    from ditperf.trainer.train import _checkpoints, _resume_plan
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    for name in ("ep0-ba2-rank0.pt", "ep0-ba9-rank0.pt", "ep1-ba10-rank0.pt", "ep1-ba12-rank1.pt",
+                 "ep1-ba11-rank0.pt.tmp", "train_summary.json"):
+        (ck / name).write_bytes(b"")
+    assert [p.name for p in _checkpoints(ck)] == ["ep0-ba2-rank0.pt", "ep0-ba9-rank0.pt", "ep1-ba10-rank0.pt"]
+    (ck / "ep9-ba99-rank0.pt").write_bytes(b"")
+    (ck / "ep10-ba100-rank0.pt").write_bytes(b"")
+    newest = ck / "ep10-ba100-rank0.pt"
+    assert _checkpoints(ck)[-2:] == [ck / "ep9-ba99-rank0.pt", newest]
+
+    def plan(*overrides: str) -> dict[str, Any]:
+        return _resume_plan(C.load_config("tiny-cpu", [f"save_folder={ck}", *overrides]))
+
+    with pytest.raises(C.ConfigError, match=rf"already has checkpoints \(newest: {newest.name}\)"):
+        plan()
+    assert plan("save_overwrite=true") == {}  # the user asked to start over on top of them
+    explicit = ck / "ep0-ba9-rank0.pt"
+    assert plan(f"load_path={explicit}") == {"load_path": str(explicit), "load_weights_only": False}
+    assert plan(f"load_path={explicit}", "load_weights_only=true") == {"load_path": str(explicit),
+                                                                       "load_weights_only": True}
+    assert plan("autoresume=true") == {"load_path": str(newest), "load_weights_only": False}
+    assert f"has no latest-rank0.pt link; resuming from {newest}" in capsys.readouterr().out
+    assert plan("autoresume=true", f"load_path={explicit}") == {"load_path": str(explicit), "load_weights_only": False}
+    (ck / "latest-rank0.pt").symlink_to(newest.name)
+    assert plan("autoresume=true") == {}  # Composer's autoresume follows the link
+    with pytest.raises(C.ConfigError, match="load_path .*nope.pt does not exist"):
+        plan(f"load_path={tmp_path / 'nope.pt'}")
+    assert plan("load_path=s3://bucket/ck/ep0-ba2-rank0.pt")["load_path"] == "s3://bucket/ck/ep0-ba2-rank0.pt"
+
+
+def test_save_dir_fills_only_run_name() -> None:
+    """``_save_dir`` fills Composer's ``{run_name}`` like Composer; a folder without a
+    run_name, or with other placeholders, is left as written."""
+    from ditperf.trainer.train import _save_dir
+
+    def folder(save_folder: str | None, run_name: str | None) -> str | None:
+        return _save_dir({"save_folder": save_folder, "run_name": run_name})
+
+    assert folder("/ck/{run_name}/x", "xl") == "/ck/xl/x"
+    assert folder("/ck/{run_name}", None) == "/ck/{run_name}"
+    assert folder("/ck/{rank}/{run_name}", "xl") == "/ck/{rank}/{run_name}"
+    assert folder("/ck/{0}", "xl") == "/ck/{0}"
+    assert folder("/ck/{", "xl") == "/ck/{"
+    assert folder(None, "xl") is None
+
+
+def test_clear_load_errors_translates_only_checkpoint_read_errors(tmp_path: Path) -> None:
+    """Composer's errors while loading: an unreadable checkpoint becomes one ConfigError naming
+    the file (load_path, or the newest in save_folder under autoresume); an existing save
+    folder too; any other error, or a read error with no checkpoint being loaded, passes as is."""
+    import errno
+
+    from ditperf.trainer.train import _clear_load_errors
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "ep0-ba4-rank0.pt").write_bytes(b"")
+
+    def cfg(*overrides: str) -> dict[str, Any]:
+        return C.load_config("tiny-cpu", [f"save_folder={ck}", *overrides])
+
+    def raised(exc: BaseException, *overrides: str) -> BaseException:
+        with pytest.raises(BaseException) as info, _clear_load_errors(cfg(*overrides)):
+            raise exc
+        return info.value
+
+    err = raised(FileExistsError(f"{ck} is not empty"))
+    assert isinstance(err, C.ConfigError) and str(err).startswith(f"save_folder {ck}: {ck} is not empty. To continue")
+    partial = tmp_path / "partial.pt"
+    for exc in (EOFError("Ran out of input"), RuntimeError("PytorchStreamReader failed reading zip archive"),
+                OSError(errno.EINVAL, "Invalid argument")):
+        err = raised(exc, f"load_path={partial}")
+        assert isinstance(err, C.ConfigError), err
+        assert str(err).startswith(f"checkpoint {partial} cannot be read ({type(exc).__name__}: ")
+        err = raised(exc, "autoresume=true")
+        assert isinstance(err, C.ConfigError) and f"checkpoint {ck / 'ep0-ba4-rank0.pt'} cannot be read" in str(err)
+        assert raised(exc) is exc  # nothing is being loaded: not a checkpoint problem
+    oom = RuntimeError("CUDA out of memory")
+    assert raised(oom, f"load_path={partial}") is oom
+
+
+def test_resolve_device_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto picks the GPU with amp_bf16 when CUDA is visible, else the CPU with fp32; an
+    explicit precision is kept; a GPU request without CUDA, amp on CPU and an unknown device
+    are ConfigErrors."""
+    from ditperf.trainer.train import resolve_device_precision
+
+    def resolve(*overrides: str) -> tuple[str, str]:
+        return resolve_device_precision(C.load_config(None, list(overrides)))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve() == ("gpu", "amp_bf16")
+    assert resolve("precision=fp32") == ("gpu", "fp32")
+    assert resolve("device=gpu", "precision=amp_fp16") == ("gpu", "amp_fp16")
+    assert resolve("device=cpu") == ("cpu", "fp32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve() == ("cpu", "fp32")
+    with pytest.raises(C.ConfigError, match="device=gpu but no CUDA GPU is visible"):
+        resolve("device=gpu")
+    for precision in ("amp_bf16", "amp_fp16"):
+        with pytest.raises(C.ConfigError, match=f"precision={precision} needs a GPU"):
+            resolve(f"precision={precision}")
+    with pytest.raises(C.ConfigError, match="device must be auto, cpu or gpu; got 'tpu'"):
+        resolve("device=tpu")
+
+
+def test_fsdp_version_from_environment_and_bad_sections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsdp_version=auto follows $FSDP_VERSION when set (both ways); an explicit version wins
+    over it; a parallelism_config without an fsdp section passes through; a non-mapping fsdp
+    section and an option Composer refuses are ConfigErrors."""
+    from composer.utils.parallelism import FSDP2Config, FSDPConfig
+    from ditperf.trainer.train import resolve_parallelism
+
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert isinstance(resolve_parallelism(C.load_config("t2i-1b"), "gpu")["fsdp"], FSDP2Config)
+    assert isinstance(resolve_parallelism(C.load_config("t2i-1b", ["fsdp_version=1"]), "gpu")["fsdp"], FSDPConfig)
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    assert isinstance(resolve_parallelism(C.load_config("t2i-1b"), "gpu")["fsdp"], FSDPConfig)
+    with pytest.raises(C.ConfigError, match="FSDP v1 needs CUDA GPUs"):
+        resolve_parallelism(C.load_config("t2i-1b"), "cpu")
+    other = {"tp": {"tensor_parallel_degree": 1}}
+    assert resolve_parallelism({"parallelism_config": other, "fsdp_version": "auto"}, "cpu") is other
+    with pytest.raises(C.ConfigError, match="parallelism_config.fsdp must be a mapping"):
+        resolve_parallelism(C.load_config(None, ["parallelism_config={fsdp: FULL_SHARD}"]), "gpu")
+    with pytest.raises(C.ConfigError, match=r"parallelism_config.fsdp \(FSDP v1\): Directly specifying device mesh"):
+        resolve_parallelism(C.load_config(None, ["parallelism_config={fsdp: {device_mesh: [2]}}"]), "gpu")
+
+
+def test_device_batch_size_divides_the_global_batch() -> None:
+    from ditperf.trainer.train import device_batch_size
+
+    assert device_batch_size({"global_train_batch_size": 32}, 1) == 32
+    assert device_batch_size({"global_train_batch_size": 32}, 8) == 4
+    for gbs, ranks in ((6, 4), (2, 4), (0, 1), (-8, 2)):
+        with pytest.raises(C.ConfigError, match=f"global_train_batch_size={gbs} must be a positive multiple of "
+                                                f"the world size \\({ranks} ranks\\)"):
+            device_batch_size({"global_train_batch_size": gbs}, ranks)
 
 
 # ----------------------------------------------------------------------------- model wiring
@@ -436,6 +681,111 @@ def test_nan_guard_stops_on_inf_and_nan() -> None:
         guard.batch_end(state(), None)
 
 
+def test_resume_guard_refuses_any_other_global_batch_size() -> None:
+    """ResumeGuard keeps the global batch size in the checkpoint and refuses to load one
+    written with a larger or smaller size; the same size, or a checkpoint state without the
+    entry, loads."""
+    from ditperf.trainer.model import ResumeGuard
+
+    gbs = random.randrange(2, 512)
+    guard = ResumeGuard(gbs)
+    assert guard.state_dict() == {"global_train_batch_size": gbs}
+    guard.load_state_dict(ResumeGuard(gbs).state_dict())
+    guard.load_state_dict({})
+    for other in (gbs - 1, gbs + 1, 2 * gbs):
+        with pytest.raises(C.ConfigError, match=f"written with global_train_batch_size={other}, this run has {gbs}"):
+            guard.load_state_dict({"global_train_batch_size": other})
+
+
+def test_nan_guard_sums_tuple_losses_and_nan_hook_hits_one_batch(tiny_data: Path) -> None:
+    """NaNGuard checks every part of a tuple/list loss (not only the first); the
+    debug.nan_at_batch hook makes exactly that batch's loss NaN, not the ones after it; unwrap
+    finds the DiTComposerModel inside (nested) ``.module`` wrappers."""
+    from types import SimpleNamespace
+
+    from ditperf.model import DiT
+    from ditperf.trainer.model import DiTComposerModel, NaNGuard, NonFiniteLossError, unwrap
+
+    state = SimpleNamespace(timestamp=SimpleNamespace(batch=SimpleNamespace(value=7)),
+                            device=SimpleNamespace(tensor_to_device=lambda t: t))
+    guard = NaNGuard()
+    state.loss = (torch.tensor(0.5), torch.tensor(0.25))
+    guard.after_loss(state, None)
+    for loss in ((torch.tensor(0.5), torch.tensor(float("nan"))), [torch.tensor(1.0), torch.tensor(float("inf"))]):
+        state.loss = loss
+        with pytest.raises(NonFiniteLossError, match="at batch 7"):
+            guard.after_loss(state, None)
+
+    at = random.randrange(1, 5)
+    model = DiTComposerModel(DiT(get_config("tiny")), seed=0, nan_at_batch=at)
+    batch = next(iter(D.build_dataloader(D.build_dataset(tiny_data, batch_size=2, shuffle=False), batch_size=2,
+                                         num_workers=0)))
+    for index in (0, at - 1, at, at + 1, at + 5):
+        model.start_batch(index)
+        with torch.no_grad():
+            assert bool(torch.isfinite(model(batch))) is (index != at), index
+
+    class Wrapper(torch.nn.Module):  # what DDP looks like to unwrap
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    assert unwrap(model) is model and unwrap(Wrapper(model)) is model and unwrap(Wrapper(Wrapper(model))) is model
+    with pytest.raises(TypeError, match="expected a DiTComposerModel, got Linear"):
+        unwrap(Wrapper(torch.nn.Linear(2, 2)))
+
+
+_EMA_DTENSOR_CHECK = """
+import os, traceback
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from composer.algorithms.ema.ema import EMAParameters
+from composer.core import Event
+from ditperf.trainer.ema import EMA, _shard_like
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+try:
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
+    net = torch.nn.Linear(3, 4)
+    net.weight = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+    whole = torch.randn(4, 3)
+    ema = EMA(half_life="2ba")
+    ema.ema_model = EMAParameters(None)
+    ema.ema_model.named_parameters_dict = {"weight": distribute_tensor(whole, mesh, [Shard(0)]), "bias": torch.randn(4)}
+    ema.ema_model.named_buffers_dict = {}
+    saved = ema.state_dict()["ema_model"]["named_parameters_dict"]
+    assert not isinstance(saved["weight"], DTensor) and torch.equal(saved["weight"], whole), "state_dict not whole"
+    ema.ema_model.named_parameters_dict = dict(saved)  # as loaded from a checkpoint: whole tensors
+    ema.apply(Event.FIT_START, SimpleNamespace(model=net), None)
+    stored = ema.ema_model.named_parameters_dict["weight"]
+    assert isinstance(stored, DTensor) and stored.placements == net.weight.placements, "not resharded"
+    assert torch.equal(stored.full_tensor(), whole)
+    try:
+        _shard_like(torch.randn(3, 4), net.weight)
+        raise AssertionError("an EMA tensor of another shape was sharded")
+    except RuntimeError as exc:
+        assert "shape (3, 4) cannot shadow a parameter of shape (4, 3)" in str(exc), exc
+    print("ok", flush=True)
+    os._exit(0)  # no process-group teardown (it can deadlock in gloo's destructor)
+except BaseException:
+    traceback.print_exc()
+    os._exit(1)
+"""
+
+
+def test_ema_checkpoints_whole_tensors_and_reshards_them(tmp_path: Path) -> None:
+    """ditperf's EMA with DTensor (FSDP2-sharded) parameters, on a 1-rank gloo group in a new
+    process: its state dict holds whole tensors, FIT_START shards them again like the live
+    parameter, and an EMA tensor of another shape is refused instead of sharded."""
+    proc = subprocess.run([sys.executable, "-c", _EMA_DTENSOR_CHECK], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -502,6 +852,80 @@ def test_autoresume_continues_from_save_folder(tiny_data: Path, tmp_path: Path) 
         assert torch.equal(a["model"][k], b["model"][k]), k
     ea, eb = _ema(a), _ema(b)
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_build_trainer_algorithms_and_microbatch(tiny_data: Path) -> None:
+    """grad_clip_norm (0 or null: off), ema.enabled and device_train_microbatch_size (null: the
+    device batch) reach the Trainer; without EMA the parameter digest has no "ema" entry."""
+    from composer.algorithms import EMA, GradientClipping
+    from ditperf.trainer import train as T
+
+    trainer, info = _build(tiny_data, [])
+    try:
+        (clip,) = [a for a in trainer.state.algorithms if isinstance(a, GradientClipping)]
+        assert clip.clipping_type == "norm" and clip.clipping_threshold == 1.0
+        assert sum(isinstance(a, EMA) for a in trainer.state.algorithms) == 1
+        assert trainer.state.device_train_microbatch_size == info["device_batch_size"] == 4
+    finally:
+        trainer.close()
+    for off in ("grad_clip_norm=0", "grad_clip_norm=null"):
+        trainer, _ = _build(tiny_data, [off, "ema.enabled=false", "device_train_microbatch_size=2"])
+        try:
+            assert trainer.state.algorithms == [] and trainer.state.device_train_microbatch_size == 2
+            assert set(T.param_digest(trainer)) == {"params"}
+        finally:
+            trainer.close()
+
+
+def test_training_and_ema_params_whichever_is_swapped_in(tiny_data: Path, tmp_path: Path) -> None:
+    """A run whose last batch is checkpointed ends with Composer's EMA weights swapped into
+    the model: training_and_ema_params and param_digest still return the training weights as
+    "params" and the average as "ema", the same as once the training weights are back."""
+    from composer.algorithms import EMA
+    from ditperf.trainer import train as T
+    from ditperf.trainer.model import unwrap
+
+    trainer, _ = _build(tiny_data, ["max_duration=2ba", f"save_folder={tmp_path}", "save_interval=2ba",
+                                    "scheduler.t_warmup=0ba", "ema.half_life=1ba"])
+    try:
+        trainer.fit()
+        (ema,) = [a for a in trainer.state.algorithms if isinstance(a, EMA)]
+        assert ema.ema_weights_active  # swapped in for the ba2 checkpoint
+        params, averaged = T.training_and_ema_params(trainer)
+        digest = T.param_digest(trainer)
+        live = dict(unwrap(trainer.state.model).named_parameters())
+        assert averaged is not None and all(torch.equal(averaged[k], live[k]) for k in live)
+        ema.ema_model.swap_params(model=trainer.state.model)  # training weights back in the model
+        ema.ema_weights_active = False
+        assert all(torch.equal(params[k], live[k]) for k in live)
+        again, averaged_again = T.training_and_ema_params(trainer)
+        assert averaged_again is not None
+        assert all(torch.equal(params[k], again[k]) and torch.equal(averaged[k], averaged_again[k]) for k in params)
+        assert T.param_digest(trainer) == digest and digest["params"] != digest["ema"]
+        with torch.no_grad():
+            random.choice(list(live.values())).view(-1)[0] += 1
+        changed = T.param_digest(trainer)
+        assert changed["params"] != digest["params"] and changed["ema"] == digest["ema"]
+    finally:
+        trainer.close()
+
+
+def test_summary_file_and_load_weights_only(tiny_data: Path, tmp_path: Path) -> None:
+    """An explicit summary_file wins over <save_folder>/train_summary.json; load_weights_only=true
+    starts a new schedule (batch 0) from the checkpoint's weights instead of resuming it."""
+    ck = tmp_path / "ck"
+    summary_file = tmp_path / "out" / "summary.json"
+    _train([f"data.local={tiny_data}", "global_train_batch_size=4", "data.num_workers=0", "max_duration=2ba",
+            f"save_folder={ck}", "save_interval=2ba", f"summary_file={summary_file}", *CPU])
+    assert json.loads(summary_file.read_text())["batches"] == 2 and not (ck / "train_summary.json").exists()
+    saved = _ckpt(ck / "ep0-ba2-rank0.pt")["model"]
+    trainer, _ = _build(tiny_data, [f"load_path={ck / 'ep0-ba2-rank0.pt'}", "load_weights_only=true"])
+    try:
+        assert int(trainer.state.timestamp.batch.value) == 0
+        live = trainer.state.model.state_dict()
+        assert set(live) == set(saved) and all(torch.equal(live[k], saved[k]) for k in saved)
+    finally:
+        trainer.close()
 
 
 def test_compiled_model_trains_like_eager(tiny_data: Path, tmp_path: Path) -> None:

@@ -286,22 +286,23 @@ def validate_values(cfg: dict[str, Any]) -> None:
     if micro is not None and micro != "auto" and (isinstance(micro, bool) or not isinstance(micro, int) or micro < 1):
         raise ConfigError(f"device_train_microbatch_size must be a positive whole number, 'auto' (GPU) or null "
                           f"(= the device batch), got {micro!r}")
+    def number(v: object) -> bool:  # bools are ints to Python: "lr=yes" must not train at lr 1.0
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
     o = cfg["optimizer"]
-    if not (isinstance(o["lr"], (int, float)) and math.isfinite(o["lr"]) and o["lr"] >= 0):
+    if not (number(o["lr"]) and o["lr"] >= 0):
         raise ConfigError(f"optimizer.lr must be a finite number >= 0, got {o['lr']!r}")
-    if not (isinstance(o["eps"], (int, float)) and o["eps"] > 0):
+    if not (number(o["eps"]) and o["eps"] > 0):
         raise ConfigError(f"optimizer.eps must be > 0, got {o['eps']!r}")
-    if not (isinstance(o["weight_decay"], (int, float)) and o["weight_decay"] >= 0):
+    if not (number(o["weight_decay"]) and o["weight_decay"] >= 0):
         raise ConfigError(f"optimizer.weight_decay must be >= 0, got {o['weight_decay']!r}")
     betas = o["betas"]
     if (not isinstance(betas, (list, tuple)) or len(betas) != 2
-            or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+            or not all(number(b) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {betas!r}")
+    if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int):
+        raise ConfigError(f"seed must be a whole number, got {cfg['seed']!r}")
     loss = cfg["loss"]
-
-    def number(v: object) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
     if not (number(loss["cond_dropout"]) and 0 <= loss["cond_dropout"] <= 1):
         raise ConfigError(f"loss.cond_dropout must be a probability in [0, 1], got {loss['cond_dropout']!r}")
     if not number(loss["t_mean"]):
@@ -309,7 +310,7 @@ def validate_values(cfg: dict[str, Any]) -> None:
     if not (number(loss["t_std"]) and loss["t_std"] >= 0):
         raise ConfigError(f"loss.t_std must be a finite number >= 0, got {loss['t_std']!r}")
     clip = cfg["grad_clip_norm"]
-    if clip not in (None, False) and not (isinstance(clip, (int, float)) and clip >= 0):
+    if clip is not None and clip is not False and not (number(clip) and clip >= 0):
         raise ConfigError(f"grad_clip_norm must be a number >= 0 or null (off), got {clip!r}")
     from ditperf.model import EDIT_TASKS
 

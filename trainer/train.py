@@ -88,6 +88,15 @@ def resolve_parallelism(cfg: dict[str, Any], device: str) -> Any:
         raise ConfigError("FSDP v1 needs CUDA GPUs (Composer's FSDP wrapper places each rank on "
                           "torch.cuda.current_device()); on CPU use fsdp_version=2 (FSDP2, what auto picks "
                           "there) or drop the section: parallelism_config=null (DDP over gloo)")
+    # Composer takes unknown keys silently (v1) or with a warning (v2): a misspelled option
+    # (sharding_stategy) would quietly run with the default
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(FSDPConfig)} | {f.name for f in dataclasses.fields(FSDP2Config)}
+    unknown = sorted(set(fsdp) - known)
+    if unknown:
+        raise ConfigError(f"parallelism_config.fsdp: unknown option(s) {', '.join(unknown)}; "
+                          f"valid: {', '.join(sorted(known))}")
     try:
         built = FSDPConfig(**fsdp) if version == "1" else FSDP2Config.from_compatible_attrs(fsdp)
     except (TypeError, ValueError) as exc:
