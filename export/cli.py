@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ditperf.cli.argtypes import positive_float
+
 EXPORT_HELP = """\
 ONNX export of ditperf DiT presets, graph surgery for TensorRT, per-operator TensorRT coverage
 and TensorRT engine builds.
@@ -44,14 +46,6 @@ def _positive(text: str) -> int:
     return int(value)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def _batch(text: str) -> int | str:
@@ -369,7 +363,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ver.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     ver.add_argument("--verify", action="store_true",
                      help="compare with onnxruntime even above 2 GiB (skipped there by default)")
-    s.add_argument("--tolerance", type=_positive_float, metavar="REL",
+    s.add_argument("--tolerance", type=positive_float, metavar="REL",
                    help="largest max-abs-diff / max|output| accepted per output (default by dtype: "
                         "fp32 1e-4, fp16 2e-2, bf16 6e-2); exit 1 above it")
     s.add_argument("--json", help="write the pass reports as JSON")

@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ditperf.cli.argtypes import positive_float, positive_int
+
 PROFILE_HELP = """\
 Measure what the GPU does, from NVML power telemetry.
 
@@ -137,42 +139,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     pt.add_argument("preset", help="model preset (dit-s-2 ... dit-xl-2, t2i-1b, tiny)")
     pt.add_argument("--mode", choices=("train", "forward", "cfg-step"), default="train",
                     help="train: fwd + bwd + AdamW; forward; cfg-step: the model at 2x batch (default train)")
-    pt.add_argument("--batch", type=_positive_int, default=None, metavar="N",
+    pt.add_argument("--batch", type=positive_int, default=None, metavar="N",
                     help="samples (images for cfg-step; default 64 for class presets, 4 for text ones, "
                          "1 for cfg-step)")
     pt.add_argument("--backend", choices=("torch", "triton", "both"), default="both",
                     help="which backend's operators to count (default both)")
     pt.add_argument("--edit", action="store_true", help="the preset's edit variant (source + mask channels)")
-    pt.add_argument("--height", type=_positive_int, default=None, help="latent height (default: the preset's)")
-    pt.add_argument("--width", type=_positive_int, default=None, help="latent width (default: the preset's)")
-    pt.add_argument("--text-len", type=_positive_int, default=None, help="text tokens (text presets; default: the preset's)")
-    pt.add_argument("--tflops", type=_positive_float, default=701.0, help="matmul roof in TFLOP/s (default 701)")
-    pt.add_argument("--gbps", type=_positive_float, default=3000.0, help="copy roof in GB/s (default 3000)")
+    pt.add_argument("--height", type=positive_int, default=None, help="latent height (default: the preset's)")
+    pt.add_argument("--width", type=positive_int, default=None, help="latent width (default: the preset's)")
+    pt.add_argument("--text-len", type=positive_int, default=None, help="text tokens (text presets; default: the preset's)")
+    pt.add_argument("--tflops", type=positive_float, default=701.0, help="matmul roof in TFLOP/s (default 701)")
+    pt.add_argument("--gbps", type=positive_float, default=3000.0, help="copy roof in GB/s (default 3000)")
     pt.add_argument("--top", type=int, default=12, help="memory-bound operators listed per backend (default 12)")
     pt.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the ledgers as JSON")
     pt.set_defaults(func=_traffic)
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
 
 
-def _positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive, finite number, got {text!r}")
-    return value
 
 
 def _no_sub(p: argparse.ArgumentParser) -> int:
