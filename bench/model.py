@@ -174,9 +174,9 @@ def _autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def _train_model(cfg: Any, device: torch.device) -> Any:
-    """The DiT of the training-step benchmark, perturbed off its zero init (also
-    bench/profile_step.py)."""
+def _perturbed_model(cfg: Any, device: torch.device) -> Any:
+    """A DiT of ``cfg`` perturbed off its adaLN-Zero init, so that no benchmark times zeros
+    (the training step and CFG inference here, also bench/profile_step.py)."""
     from ditperf.model import DiT
 
     with torch.device(device):
@@ -204,7 +204,7 @@ def _train_case(name: str, batch: int, providers: list[str], device: torch.devic
     fl = flops(cfg, batch)["train"]
     rows: list[Row] = []
     _free()
-    model = _train_model(cfg, device)
+    model = _perturbed_model(cfg, device)
     initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     data, autocast = _make_batch(model, batch, device), _autocast(device)
     opt = None
@@ -283,13 +283,10 @@ def _train_with_retry(name: str, batch: int, providers: list[str], device: torch
 def _cfg_model(cfg: Any, device: torch.device, sample_steps: int = 20) -> tuple[Any, torch.Tensor, tuple, torch.Tensor]:
     """(model, x, cond, time grid) of the CFG inference benchmark (one image; bf16 weights on
     a GPU, fp32 on CPU); also bench/profile_step.py."""
-    from ditperf.model import DiT, time_grid
+    from ditperf.model import time_grid
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with torch.device(device):
-        model = DiT(cfg)
-    _perturb(model)  # no timing on adaLN-Zero's zeros here either
-    model = model.to(dtype).eval()
+    model = _perturbed_model(cfg, device).to(dtype).eval()
     g = torch.Generator(device=device).manual_seed(0)
     x, _, *cond = model.example_inputs(1, device=device, generator=g)
     return model, x.float(), tuple(cond), time_grid(sample_steps, cfg.sample_shift, device)

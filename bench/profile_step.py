@@ -84,7 +84,7 @@ def _train_setup(provider: str, preset: str, batch: int, device: torch.device) -
 
     cfg = get_config(preset)
     torch.manual_seed(0)
-    net = M._train_model(cfg, device)
+    net = M._perturbed_model(cfg, device)
     M._set_backend(net, provider)
     opt, data, autocast = M._train_parts(net, batch, device)
     shape = f"train B={batch} {cfg.latent_channels}x{cfg.latent_size[0]}x{cfg.latent_size[1]} ({cfg.num_tokens()} tok)"

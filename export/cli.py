@@ -46,8 +46,6 @@ def _positive(text: str) -> int:
     return int(value)
 
 
-
-
 def _batch(text: str) -> int | str:
     if text == "dynamic":
         return text

@@ -112,13 +112,15 @@ def check_tensor(
     dtype: torch.dtype | None = None,
     last_dim_contiguous: bool = True,
     contiguous: bool = False,
+    required: bool = False,
 ) -> None:
     """Raise a ``TypeError``/``ValueError`` naming ``name`` and what was expected.
 
-    ``shape`` entries of ``None`` match any size. ``dtype`` demands an exact dtype (e.g. the
-    same dtype as x), ``dtypes`` a set of allowed ones.
+    ``None`` passes (an absent optional tensor) unless ``required``. ``shape`` entries of
+    ``None`` match any size. ``dtype`` demands an exact dtype (e.g. the same dtype as x),
+    ``dtypes`` a set of allowed ones.
     """
-    if t is None:
+    if t is None and not required:
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -943,9 +943,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: t
     reference also accepts float64."""
     dtypes = FLOAT_DTYPES + ((torch.float64,) if reference else ())
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor (B, H, N, D), got {type(t).__name__}")
-        check_tensor(name, t, dtypes=dtypes)
+        check_tensor(name, t, dtypes=dtypes, required=True)
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (B, H, N, D) (SDPA layout), "
                              f"got shape {tuple(t.shape)}")

@@ -615,9 +615,7 @@ def _check_args(op: str, x: torch.Tensor, *, y: torch.Tensor | None = None,
     x: (..., C) float, or (B, N, C) when any per-sample vector is given; y: like x;
     params: (C,) in x's dtype or fp32; per_sample: (B, C) in x's dtype or fp32.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, required=True)
     modulated = any(t is not None for _, t in per_sample)
     if modulated and x.dim() != 3:
         names = ", ".join(n for n, t in per_sample if t is not None)
@@ -1028,11 +1026,18 @@ class _GatedFn(torch.autograd.Function):
 # --------------------------------------------------------------------------------------
 
 
+#: The norm ops' inputs that may not be None (the rest are optional vectors).
+_REQUIRED = {"x": "", "y": " (the branch output)"}
+
+
 def _check_types(op: str, **tensors: object) -> None:
     """TypeError for a non-tensor argument, before the dispatcher turns it into a RuntimeError."""
     for name, t in tensors.items():
+        if t is None and name in _REQUIRED:
+            raise TypeError(f"{op}: {name} must be a torch.Tensor{_REQUIRED[name]}, got None")
         if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+            what = "a torch.Tensor" if name in _REQUIRED else "a torch.Tensor or None"
+            raise TypeError(f"{op}: {name} must be {what}, got {type(t).__name__}")
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -1073,8 +1078,6 @@ def gated_residual_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tens
     Returns (x_new, h). A ``ditperf::gated_residual_layer_norm`` custom op.
     """
     _check_types("gated_residual_layer_norm", x=x, y=y, gate=gate, shift=shift, scale=scale)
-    if y is None:
-        raise TypeError("gated_residual_layer_norm: y must be a torch.Tensor (the branch output)")
     if eager_fast_path(x, y, gate, shift, scale):
         return _GatedFn.apply(x, y, gate, shift, scale, _check_eps(eps))
     return torch.ops.ditperf.gated_residual_layer_norm(x, y, gate, shift, scale, _check_eps(eps))

@@ -155,10 +155,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     pt.set_defaults(func=_traffic)
 
 
-
-
-
-
 def _no_sub(p: argparse.ArgumentParser) -> int:
     p.print_help()
     return 2

@@ -428,8 +428,6 @@ def _train(cfg: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-
-
 def _save_dir(cfg: dict[str, Any]) -> str | None:
     """``save_folder`` with Composer's ``{run_name}`` placeholder filled in (as Composer does)."""
     folder = cfg["save_folder"]
